@@ -338,20 +338,24 @@ class QuantLinear(nn.Module):
         self.input_quantizer: ActQuantizer | None = None
         self.output_quantizer: ActQuantizer | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the matmul sees: ``x`` after the online Hadamard and the input quantizer.
+
+        GPTQ builds its Hessian from this (not from the module's raw input), so down_proj's Hessian includes R4.
+        """
         if self.input_hadamard:
             if self.hadamard_fp32 and x.dtype != torch.float32:
                 x = hadamard_transform(x.float())
                 if self.input_quantizer is not None:
                     x = self.input_quantizer(x)
-                x = x.to(self.weight.dtype)
-            else:
-                x = hadamard_transform(x)
-                if self.input_quantizer is not None:
-                    x = self.input_quantizer(x)
-        elif self.input_quantizer is not None:
+                return x.to(self.weight.dtype)
+            x = hadamard_transform(x)
+        if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        y = nn.functional.linear(x, self.weight, self.bias)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.linear(self.matmul_input(x), self.weight, self.bias)
         if self.output_quantizer is not None:
             y = self.output_quantizer(y)
         return y

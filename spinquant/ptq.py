@@ -15,9 +15,11 @@ from typing import Sequence
 
 import torch
 
+from eval_utils.gptq import gptq_config_from_args, gptq_quantize_model
 from eval_utils.perplexity import evaluate_perplexity
+from eval_utils.zeroshot import evaluate_zeroshot
 from utils.args import parse_ptq_args
-from utils.data import get_eval_windows
+from utils.data import get_calibration_windows, get_eval_windows
 from utils.io import PhaseTimer, describe_device, setup_logging, write_json
 
 from .config import quant_config_from_args, rotation_config_from_args
@@ -40,12 +42,8 @@ def resolve_dtype(bf16: bool, fp16: bool, device: torch.device) -> torch.dtype:
 
 
 def _not_yet(args) -> str | None:
-    if args.w_bits < 16 and not args.w_rtn:
-        return "GPTQ weight quantization (the default without --w_rtn) is not implemented yet: pass --w_rtn"
     if args.load_qmodel_path or args.save_qmodel_path or args.export_to_et:
         return "--load_qmodel_path / --save_qmodel_path / --export_to_et are not implemented yet"
-    if args.tasks:
-        return "zero-shot evaluation (--tasks) is not implemented yet"
     return None
 
 
@@ -76,17 +74,49 @@ def run_ptq(args) -> dict:
     with timer.phase("rotate"):
         rotation_config = rotation_config_from_args(args)
         rotate_(model, rotation_config)
+    # GPTQ (the paper's default for w_bits < 16) runs before the activation quantizers are installed.
+    use_gptq = args.w_bits < 16 and not args.w_rtn
+    gptq_summary = None
+    if use_gptq:
+        with timer.phase("load_calibration"):
+            calibration = get_calibration_windows(
+                tokenizer, args.nsamples, args.model_max_length, args.seed, split=args.calib_split,
+                data_dir=args.data_dir,
+            )
+        with timer.phase("gptq"):
+            gptq_summary = gptq_quantize_model(
+                model, calibration, quant_config_from_args(args), gptq_config_from_args(args), device=device,
+                progress=progress,
+            )
     with timer.phase("quantize"):
-        quant_config = quantize_(model, quant_config_from_args(args), progress=progress)
+        quant_config = quantize_(model, quant_config_from_args(args), weights=not use_gptq, progress=progress)
     with timer.phase("eval_ppl"):
         ppl = evaluate_perplexity(model, windows, batch_size=args.per_device_eval_batch_size, progress=progress)
 
     print(f"wiki2 ppl is: {ppl['ppl']}", flush=True)
+    zeroshot = None
+    if args.tasks is not None or args.tasks_data_dir:
+        with timer.phase("eval_zeroshot"):
+            zeroshot = evaluate_zeroshot(
+                model,
+                tokenizer,
+                args.tasks or None,
+                limit=args.limit,
+                batch_size=args.lm_eval_batch_size,
+                data_dir=args.tasks_data_dir,
+            )
+        if zeroshot["avg"] is not None:
+            print(f"0-shot avg is: {100 * zeroshot['avg']:.2f} ({', '.join(zeroshot['tasks'])})", flush=True)
     result = {
         "config": vars(args),
         "resolved": {"quant": quant_config, "rotation": rotation_config, "dtype": str(dtype).removeprefix("torch.")},
         "wiki2_ppl": ppl["ppl"],
+        "data_source": str(resolve_data_dir(args.data_dir) or "hub"),
         "ppl_eval": ppl,
+        "weight_method": ("gptq" if use_gptq else "rtn") if args.w_bits < 16 else None,
+        "gptq": gptq_summary,
+        "zeroshot_avg": zeroshot["avg"] if zeroshot else None,
+        "zeroshot": zeroshot,
         "device": describe_device(device),
         "timings": timer.as_dict(),
         "command": [sys.executable, "-m", "spinquant.ptq", *sys.argv[1:]],
@@ -105,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_ptq_args(argv)
     try:
         run_ptq(args)
-    except (NotImplementedError, FileNotFoundError, ValueError) as err:
+    except (NotImplementedError, FileNotFoundError, ValueError, ImportError) as err:
         logger.error("%s", err)
         return 2
     return 0

@@ -11,6 +11,7 @@ Each entry point composes the groups it needs: :func:`build_ptq_parser` is the P
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Sequence
 
@@ -26,6 +27,9 @@ __all__ = [
     "add_compat_args",
     "build_ptq_parser",
     "parse_ptq_args",
+    "add_train_args",
+    "build_train_parser",
+    "parse_train_args",
     "DEFAULT_MODEL",
 ]
 
@@ -131,9 +135,25 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--result_json", default=None, help="(spinquant) result file (default: <output_dir>/ptq_result.json)"
     )
-    group.add_argument("--tasks", default=None, help="zero-shot tasks for lm-eval (comma-separated)")
+    group.add_argument(
+        "--tasks",
+        nargs="?",
+        const="",
+        default=None,
+        help="zero-shot tasks for lm-eval, comma-separated, run after perplexity; the flag alone (or "
+        "--tasks_data_dir alone): the paper's eight (piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq, "
+        "social_iqa, openbookqa)",
+    )
     group.add_argument("--limit", type=int, default=None, help="examples per zero-shot task (quick runs)")
-    group.add_argument("--tasks_data_dir", default=None, help="local mirrors of the zero-shot datasets")
+    group.add_argument(
+        "--tasks_data_dir",
+        default=None,
+        help="(spinquant) local zero-shot data, <dir>/<task>/<split>.jsonl in the hub layout (e.g. "
+        "../shared/data/zeroshot); tasks without a file there are skipped",
+    )
+    group.add_argument(
+        "--lm_eval_batch_size", default="16", help="(spinquant) lm-eval batch size (an integer or 'auto')"
+    )
     add_bool(group, "--no_progress", False, "(spinquant) hide progress bars")
 
 
@@ -157,11 +177,16 @@ COMPAT_NO_EFFECT = (
 COMPAT_NO_EFFECT_VALUES = ("logging_dir", "report_to", "local_rank", "run_name", "ddp_find_unused_parameters")
 
 
-def add_compat_args(parser: argparse.ArgumentParser) -> None:
+def add_compat_args(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
+    """``exclude``: flags the entry point defines itself because they do have an effect there."""
     group = parser.add_argument_group("accepted for compatibility with the paper's scripts (no effect)")
     for name in COMPAT_NO_EFFECT:
+        if name in exclude:
+            continue
         add_bool(group, f"--{name}", False, argparse.SUPPRESS if name == "disable_tqdm" else "no effect")
     for name in COMPAT_NO_EFFECT_VALUES:
+        if name in exclude:
+            continue
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         group.add_argument(*flags, dest=name, default=None, help="no effect")
 
@@ -208,4 +233,175 @@ def parse_ptq_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--per_device_eval_batch_size must be at least 1")
     if args.export_to_et and not args.save_qmodel_path:
         parser.error("--export_to_et needs --save_qmodel_path")
+    if args.nsamples < 1:
+        parser.error(f"--nsamples must be at least 1, got {args.nsamples}")
+    if not args.percdamp >= 0:
+        parser.error(f"--percdamp must be non-negative, got {args.percdamp}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be at least 1, got {args.limit}")
+    batch = str(args.lm_eval_batch_size).strip().lower()
+    if batch != "auto" and not (batch.isdigit() and int(batch) > 0):
+        parser.error(f"--lm_eval_batch_size must be a positive integer or 'auto', got {args.lm_eval_batch_size!r}")
+    args.lm_eval_batch_size = batch if batch == "auto" else int(batch)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotation learning (spinquant-optimize / python -m spinquant.optimize_rotation)
+# ----------------------------------------------------------------------------------------------------------------
+
+TRAIN_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    """The paper's Hugging Face TrainingArguments flags (same names and defaults as its scripts) plus ours."""
+    group = parser.add_argument_group("rotation learning")
+    group.add_argument(
+        "--output_rotation_path",
+        default=None,
+        help="where R.bin goes: a file path, or a folder that gets R.bin inside (as the paper); default "
+        "<output_dir>/R.bin",
+    )
+    group.add_argument("--per_device_train_batch_size", type=int, default=1, help="2048-token blocks per micro-batch")
+    group.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=0,
+        help="micro-batches per step (0: derived so that per-device batch x accumulation x processes = "
+        "--global_batch_size)",
+    )
+    group.add_argument(
+        "--global_batch_size",
+        type=int,
+        default=8,
+        help="(spinquant) blocks per optimizer step over all processes (the paper: 8 GPUs x 1)",
+    )
+    group.add_argument("--learning_rate", type=float, default=1.5, help="Cayley SGD's largest step")
+    group.add_argument(
+        "--weight_decay", type=float, default=0.0, help="must be 0: a rotation has a fixed norm (the paper passes 0.)"
+    )
+    group.add_argument("--lr_scheduler_type", default="cosine", choices=TRAIN_SCHEDULERS, help="learning-rate schedule")
+    group.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps")
+    group.add_argument("--warmup_ratio", type=float, default=0.0, help="warm-up as a fraction of --max_steps")
+    group.add_argument("--max_steps", type=int, default=100, help="optimizer steps")
+    group.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=1.0,
+        help="clip the R1/R2 gradient norm to this before each step (the Trainer default the paper ran with; 0: off)",
+    )
+    group.add_argument("--momentum", type=float, default=0.0, help="(spinquant) Cayley SGD momentum (the paper: 0)")
+    group.add_argument(
+        "--cayley_iterations", type=int, default=5, help="(spinquant) fixed-point iterations of the Cayley update"
+    )
+    group.add_argument(
+        "--cayley_qr_every", type=int, default=0, help="(spinquant) QR re-orthonormalisation every N steps (0: never)"
+    )
+    group.add_argument(
+        "--cayley_orthogonality_tol",
+        type=float,
+        default=1e-4,
+        help="(spinquant) QR re-orthonormalise a rotation whose max |R R^T - I| exceeds this (0: never check)",
+    )
+    group.add_argument("--logging_steps", type=int, default=1, help="console log every N steps (the JSON log has all)")
+    group.add_argument(
+        "--save_steps", type=int, default=25, help="checkpoint every N steps (0: only at the end; the Trainer's is 500)"
+    )
+    group.add_argument("--logging_dir", default=None, help="train_log.jsonl and loss_curve.png go here (default: --output_dir)")
+    add_bool(group, "--log_on_each_node", False, "console logs from every process (default: the main one only)")
+    add_bool(group, "--gradient_checkpointing", True, "recompute each decoder layer in backward (saves memory)")
+    group.add_argument(
+        "--calib_split",
+        default="train",
+        help="(spinquant) WikiText-2 split of the training blocks (the paper: train; offline runs here: validation)",
+    )
+    group.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="continue from a checkpoint.pt (or the folder holding it) written by an earlier run",
+    )
+    add_bool(group, "--resume", False, "(spinquant) continue from <output_dir>/checkpoint.pt if it exists")
+    group.add_argument(
+        "--fsdp",
+        default="",
+        help='shard the frozen model with FSDP, e.g. "full_shard auto_wrap" (options: full_shard, shard_grad_op, '
+        "auto_wrap)",
+    )
+    group.add_argument(
+        "--fsdp_transformer_layer_cls_to_wrap",
+        default=None,
+        help="class name(s), comma-separated, of the layers FSDP wraps one by one (default: the model's decoder layer)",
+    )
+    add_bool(
+        group,
+        "--cache_rotated_weights",
+        True,
+        "(spinquant) rotate and quantize the weights once per step, not on every forward (same result, faster; "
+        "always off under FSDP)",
+    )
+    group.add_argument(
+        "--loss_chunk_tokens", type=int, default=4096, help="(spinquant) positions per lm_head + loss chunk"
+    )
+    group.add_argument(
+        "--result_json", default=None, help="(spinquant) summary file (default: <output_dir>/optimize_rotation.json)"
+    )
+    add_bool(group, "--no_progress", False, "(spinquant) hide progress bars")
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spinquant-optimize",
+        description="SpinQuant rotation learning: learn R1/R2 with Cayley SGD on the fake-quantized network and "
+        "write R.bin for spinquant-ptq --optimized_rotation_path.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_model_args(parser)
+    add_rotation_args(parser)
+    add_quant_args(parser)
+    add_train_args(parser)
+    add_compat_args(parser, exclude=("log_on_each_node", "logging_dir"))
+    # The paper's scripts train in bfloat16; None means "bf16 unless --fp16 True".
+    parser.set_defaults(bf16=None)
+    return parser
+
+
+def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_train_parser()
+    args = parser.parse_args(argv)
+    validate_common(args, parser)
+    if args.bf16 is None:
+        args.bf16 = not args.fp16
+    positive = (
+        "per_device_train_batch_size",
+        "global_batch_size",
+        "max_steps",
+        "logging_steps",
+        "cayley_iterations",
+        "loss_chunk_tokens",
+    )
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("gradient_accumulation_steps", "save_steps", "warmup_steps", "cayley_qr_every"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be non-negative, got {getattr(args, name)}")
+    if not args.learning_rate > 0:
+        parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.weight_decay != 0:
+        parser.error(
+            f"--weight_decay must be 0 (got {args.weight_decay}): rotations have a fixed norm, so weight decay has no "
+            "meaning for Cayley SGD (the paper's optimizer ignores it)"
+        )
+    if not 0 <= args.momentum < 1:
+        parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
+    if not 0 <= args.warmup_ratio < 1:
+        parser.error(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.warmup_ratio > 0 and args.warmup_steps == 0:
+        args.warmup_steps = math.ceil(args.warmup_ratio * args.max_steps)
+    if args.cayley_orthogonality_tol < 0:
+        parser.error(f"--cayley_orthogonality_tol must be non-negative, got {args.cayley_orthogonality_tol}")
+    if args.max_grad_norm < 0:
+        parser.error(f"--max_grad_norm must be non-negative, got {args.max_grad_norm}")
+    if args.resume and args.resume_from_checkpoint:
+        parser.error("--resume and --resume_from_checkpoint are exclusive")
     return args

@@ -133,12 +133,21 @@ def get_train_blocks(
     n_blocks: int,
     split: str = "train",
     data_dir: str | os.PathLike | None = None,
+    repeat: bool = False,
 ) -> torch.Tensor:
-    """Rotation-learning blocks ``[n_blocks, seqlen]``: rows tokenized one by one, concatenated, taken in order."""
+    """Rotation-learning blocks ``[n_blocks, seqlen]``: rows tokenized one by one, concatenated, taken in order.
+
+    ``repeat``: when the split holds fewer blocks, start again from the first one (in order), as the Hugging Face
+    Trainer does over epochs; e.g. 800 blocks from the 129 of the validation split.
+    """
     rows = load_wikitext2_rows(split, data_dir)
     encoded = tokenizer(rows, verbose=False)["input_ids"]
     flat = [token for row in encoded for token in row]
     available = len(flat) // seqlen
+    if repeat and 0 < available < n_blocks:
+        blocks = torch.tensor(flat[: available * seqlen], dtype=torch.long).view(available, seqlen)
+        logger.info("WikiText-2 %s: %d blocks of %d tokens, repeated in order to %d", split, available, seqlen, n_blocks)
+        return blocks[torch.arange(n_blocks) % available]
     if available < n_blocks:
         raise ValueError(
             f"WikiText-2 {split} gives {available} blocks of {seqlen} tokens, fewer than the {n_blocks} asked for"

@@ -37,12 +37,16 @@ Sizes that do not split as ``m * 2^k`` get the Sylvester part combined with a se
 (with a warning), see :func:`hadamard_matrix`.
 
 Backends of :func:`hadamard_transform` live in one registry (:func:`register_backend`); choose one with
-``backend=`` or the environment variable ``SPINQUANT_HADAMARD_BACKEND``.
+``backend=`` or the environment variable ``SPINQUANT_HADAMARD_BACKEND``. "auto" takes the CUDA package
+``fast_hadamard_transform`` when installed, else our Triton kernels (:mod:`utils.hadamard_triton`) on CUDA, else
+the PyTorch transform. :func:`hadamard_quantize` is the transform followed by the activation quantizer, fused
+into one kernel where the backend has one (Triton).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import itertools
 import math
 import os
@@ -52,6 +56,8 @@ from typing import Callable
 
 import torch
 
+from .quant import QuantSpec, fake_quantize
+
 __all__ = [
     "SUPPORTED_FACTORS",
     "BACKEND_ENV_VAR",
@@ -59,6 +65,7 @@ __all__ = [
     "decompose_size",
     "hadamard_matrix",
     "hadamard_transform",
+    "hadamard_quantize",
     "available_backends",
     "register_backend",
 ]
@@ -507,6 +514,44 @@ def _fast_hadamard_transform_backend(x: torch.Tensor) -> torch.Tensor:
     return _factored_transform(x, lambda y, scale: package.hadamard_transform(y.contiguous(), scale))
 
 
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_module():
+    """utils.hadamard_triton, imported on first use; None when Triton is missing or fails to import."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        from . import hadamard_triton
+    except (ImportError, OSError, RuntimeError):
+        return None
+    return hadamard_triton
+
+
+def _triton_available() -> bool:
+    # Only where the kernels can run: a CUDA device, or Triton's CPU interpreter (tests). Checked before importing.
+    return (torch.cuda.is_available() or _triton_interpreting()) and _triton_module() is not None
+
+
+def _triton_supports(x: torch.Tensor) -> bool:
+    return _triton_module().supports(x)
+
+
+def _triton_auto_supports(x: torch.Tensor) -> bool:
+    return x.is_cuda and _triton_module().supports(x)  # never the (slow) interpreter unless asked for by name
+
+
+def _triton_backend(x: torch.Tensor) -> torch.Tensor:
+    return _triton_module().hadamard_transform(x)
+
+
+def _triton_quantize(x: torch.Tensor, spec: QuantSpec, fp32: bool) -> torch.Tensor | None:
+    module = _triton_module()
+    return module.hadamard_quantize(x, spec, fp32=fp32) if module.supports_quantize(x, spec) else None
+
+
 @dataclass(frozen=True)
 class _Backend:
     transform: Callable[[torch.Tensor], torch.Tensor]
@@ -514,6 +559,10 @@ class _Backend:
     supports: Callable[[torch.Tensor], bool]
     auto_priority: int | None
     requirement: str
+    limits: str = ""
+    auto_supports: Callable[[torch.Tensor], bool] | None = None  # None: same as supports
+    native_dtypes: tuple[torch.dtype, ...] = ()
+    quantize: Callable[[torch.Tensor, QuantSpec, bool], torch.Tensor | None] | None = None
 
 
 _BACKENDS: dict[str, _Backend] = {}
@@ -527,17 +576,27 @@ def register_backend(
     supports: Callable[[torch.Tensor], bool] = lambda x: True,
     auto_priority: int | None = None,
     requirement: str = "",
+    limits: str = "",
+    auto_supports: Callable[[torch.Tensor], bool] | None = None,
+    native_dtypes: tuple[torch.dtype, ...] = (),
+    quantize: Callable[[torch.Tensor, QuantSpec, bool], torch.Tensor | None] | None = None,
 ) -> None:
-    """Add (or replace) a transform backend; the one place a new kernel (e.g. Triton) plugs in.
+    """Add (or replace) a transform backend; the one place a new kernel plugs in.
 
     ``fn(x)`` must return ``x @ hadamard_matrix(x.shape[-1])`` for a float32/float64 tensor of any leading shape
     (``_factored_transform`` turns a power-of-two FWHT into that). ``available()`` says whether its dependencies
-    import, ``supports(x)`` whether it handles this tensor (device, dtype, size). With ``auto_priority`` set, "auto"
-    considers it, highest priority first. ``requirement`` explains what is missing when it is unavailable.
+    import, ``supports(x)`` whether it handles this tensor (device, dtype, size), ``limits`` says what it needs in
+    words for the error message. With ``auto_priority`` set, "auto" considers it, highest priority first, where
+    ``auto_supports(x)`` (default ``supports``) holds. ``requirement`` explains what is missing when it is
+    unavailable. Dtypes in ``native_dtypes`` are passed as they are (``fn`` then computes in float32 and returns
+    x's dtype, saving the casts' memory traffic). ``quantize(x, spec, fp32)``, if given, is the fused
+    :func:`hadamard_quantize` for a native-dtype ``x``; it returns None for a spec it cannot fuse.
     """
     if name == AUTO_BACKEND:
         raise ValueError(f"'{AUTO_BACKEND}' is reserved for automatic backend selection")
-    _BACKENDS[name] = _Backend(fn, available, supports, auto_priority, requirement)
+    _BACKENDS[name] = _Backend(
+        fn, available, supports, auto_priority, requirement, limits, auto_supports, native_dtypes, quantize
+    )
 
 
 def available_backends() -> list[str]:
@@ -554,6 +613,19 @@ register_backend(
     supports=_fast_hadamard_transform_supports,
     auto_priority=100,
     requirement="the optional CUDA package 'fast_hadamard_transform' is not installed (or failed to import)",
+    limits="a CUDA tensor with a power-of-two part <= 2^15",
+)
+register_backend(
+    "triton",
+    _triton_backend,
+    _triton_available,
+    supports=_triton_supports,
+    auto_priority=50,
+    requirement="Triton is not installed, or there is no CUDA device (set TRITON_INTERPRET=1 for its CPU interpreter)",
+    limits="a float16/bfloat16/float32 CUDA tensor with n = m * 2^k, m a Hadamard factor, 2^k <= 2^15 (>= 16 if m > 1)",
+    auto_supports=_triton_auto_supports,
+    native_dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    quantize=_triton_quantize,
 )
 
 
@@ -569,7 +641,7 @@ def _select_backend(x: torch.Tensor, requested: str | None) -> _Backend:
             (b for b in _BACKENDS.values() if b.auto_priority is not None), key=lambda b: -b.auto_priority
         )
         for backend in candidates:
-            if backend.available() and backend.supports(x):
+            if backend.available() and (backend.auto_supports or backend.supports)(x):
                 return backend
         raise RuntimeError(f"no Hadamard backend can handle a {x.dtype} tensor on {x.device}")
     if name not in _BACKENDS:
@@ -581,9 +653,18 @@ def _select_backend(x: torch.Tensor, requested: str | None) -> _Backend:
     if not backend.supports(x):
         raise ValueError(
             f"Hadamard backend {name!r} (from {source}) cannot handle a {x.dtype} tensor on {x.device} with last "
-            f"dimension {x.shape[-1]} (fast_hadamard_transform needs a CUDA tensor); use 'auto' or 'torch'"
+            f"dimension {x.shape[-1]} (it needs {backend.limits or 'a CUDA tensor of a supported dtype and size'}); use 'auto' or 'torch'"
         )
     return backend
+
+
+def _check_input(x: torch.Tensor, backend: str | None, what: str) -> None:
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{what} needs a floating-point tensor, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{what} needs at least one dimension")
 
 
 def hadamard_transform(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -593,20 +674,41 @@ def hadamard_transform(x: torch.Tensor, *, backend: str | None = None) -> torch.
     bfloat16 are computed in float32 and cast back (as the CUDA package fast_hadamard_transform does), because the
     log2(n) butterfly stages would otherwise accumulate half-precision rounding. ``backend`` (or the environment
     variable SPINQUANT_HADAMARD_BACKEND) picks the implementation: "auto" (default), "torch", "dense",
-    "fast_hadamard_transform", or any name added with :func:`register_backend`.
+    "fast_hadamard_transform", "triton", or any name added with :func:`register_backend`.
     """
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"hadamard_transform needs a floating-point tensor, got {x.dtype}")
-    if x.dim() == 0:
-        raise ValueError("hadamard_transform needs at least one dimension")
+    _check_input(x, backend, "hadamard_transform")
     n = x.shape[-1]
     plan = _plan(n)
     _warn_if_not_hadamard(n, plan)
-    compute_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    x_compute = x.to(compute_dtype)
-    chosen = _select_backend(x_compute, backend)
+    chosen = _select_backend(x, backend)
     if x.numel() == 0:
         return x.clone()
-    return chosen.transform(x_compute).to(x.dtype)
+    if x.dtype in chosen.native_dtypes:
+        return chosen.transform(x)
+    compute_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return chosen.transform(x.to(compute_dtype)).to(x.dtype)
+
+
+def hadamard_quantize(
+    x: torch.Tensor, spec: QuantSpec, *, fp32: bool = False, backend: str | None = None
+) -> torch.Tensor:
+    """``fake_quantize(hadamard_transform(x), spec)``: an online Hadamard (R3, R4) followed by the dynamic per-token
+    (or per-group) activation quantizer, in one pass over memory where the backend has a fused kernel (Triton).
+
+    Same values as the composition wherever the backend's transform is bit-identical to it (power-of-two sizes);
+    otherwise the transform differs by float32 rounding, which can move a value lying on a rounding boundary by one
+    quantization step. ``fp32=True`` is the paper's ``--fp32_had``: transform and quantize in float32, return x's
+    dtype. Differentiable: the quantizer's gradient is the identity (straight-through), so the gradient is the
+    Hadamard's. Specs the fused kernel cannot handle (e.g. groups spanning the non-power-of-two factor) fall back to
+    the composition.
+    """
+    _check_input(x, backend, "hadamard_quantize")
+    if spec.enabled and x.numel() > 0:
+        chosen = _select_backend(x, backend)
+        if chosen.quantize is not None and x.dtype in chosen.native_dtypes:
+            fused = chosen.quantize(x, spec, fp32)
+            if fused is not None:
+                return fused
+    if fp32 and spec.enabled and x.dtype in (torch.float16, torch.bfloat16):
+        return fake_quantize(hadamard_transform(x.float(), backend=backend), spec).to(x.dtype)
+    return fake_quantize(hadamard_transform(x, backend=backend), spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import subprocess
@@ -374,9 +375,7 @@ def backend_spy(monkeypatch):
             calls.append(_name)
             return _inner(x)
 
-        spied[name] = hadamard._Backend(
-            transform, backend.available, backend.supports, backend.auto_priority, backend.requirement
-        )
+        spied[name] = dataclasses.replace(backend, transform=transform)
     monkeypatch.setattr(hadamard, "_BACKENDS", spied)
     return calls
 
