@@ -229,12 +229,11 @@ def gptq_quantize_weight(
             col = w1[:, i]
             q = quantizer.quantize(col.unsqueeze(1)).squeeze(1).to(work_dtype)
             q1[:, i] = q
-            d = hinv1[i, i]
-            err = (col - q) / d
-            loss += err.square() / 2
-            w1[:, i:].sub_(torch.outer(err, hinv1[i, i:]))
+            err = (col - q) / hinv1[i, i]
+            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)
             err1[:, i] = err
         q_all[:, i1:i2] = q1
+        loss += err1.square().sum(dim=1) / 2
         w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])
 
     if perm is not None:

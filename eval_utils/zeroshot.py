@@ -13,6 +13,11 @@ tasks with overrides); no task YAML is copied. A task with no local file is skip
 "0-shot avg", as the paper's evaluation code (inherited from QuaRot) computes it: per task ``acc_norm`` where
 lm-eval defines it (piqa, arc_easy, arc_challenge, hellaswag, openbookqa) and ``acc`` otherwise (winogrande,
 boolq, social_iqa), then the plain mean over tasks. Values are fractions in [0, 1].
+
+Differences from a stock ``lm_eval --model hf`` run: none in the tasks; the answer log-likelihoods are
+normalised (log-softmax) in float32 rather than in the model's bf16/fp16, so near-ties are not decided by
+round-off. Offline HellaSwag: the local file keeps each context whole in ``ctx_a`` (``ctx_b`` empty), which
+lm-eval's preprocessing turns into the same prompt as the hub's split fields except in rare edge cases.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -167,7 +173,8 @@ def evaluate_zeroshot(
     was_training = model.training
     model.eval()
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        # Log-softmax in float32 even for a bf16/fp16 model, so close answer choices are not ranked by round-off.
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
         output = lm_eval.simple_evaluate(
             model=lm,
             tasks=list(loaded.values()),

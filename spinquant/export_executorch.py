@@ -371,6 +371,8 @@ def export_command(
         f"++export.output_dir={output_dir}",
         f"++export.max_seq_length={max_seq_length}",
         f"++export.max_context_length={max_seq_length}",
+        "hydra.output_subdir=null",  # no .hydra/ logs folder
+        "hydra.run.dir=.",
     ]
     if name:
         command.append(f"++export.output_name={name}")
@@ -414,15 +416,20 @@ def export_pte(
     return pte
 
 
-def run_pte(pte: str | os.PathLike, tokens: Sequence[int]) -> torch.Tensor:
+def run_pte(pte: str | os.PathLike, tokens: Sequence[int], progress: bool = True) -> torch.Tensor:
     """Next-token logits ``[len(tokens), vocab]`` from ExecuTorch's runtime, one token per call with its KV cache."""
+    from tqdm.auto import tqdm
+
     require_executorch()
-    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401 - registers the llama:: kernels
+    # As ExecuTorch's own Python runner does: the runtime first, then the llama:: custom kernels (SDPA with KV
+    # cache, fast Hadamard) and the quantized kernels (8-bit embedding), which register into it.
     from executorch.extension.pybindings.portable_lib import _load_for_executorch
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+    from executorch.kernels import quantized  # noqa: F401
 
     program = _load_for_executorch(str(pte))
     rows = []
-    for position, token in enumerate(tokens):
+    for position, token in enumerate(tqdm(tokens, desc="ExecuTorch runtime", disable=not progress)):
         out = program.forward((torch.tensor([[int(token)]], dtype=torch.long), torch.tensor([position], dtype=torch.long)))
         rows.append(out[0].reshape(-1).float())
     return torch.stack(rows)
@@ -465,7 +472,7 @@ def compare_with_pte(
 def _agreement(ours: torch.Tensor, theirs: torch.Tensor, tokens: torch.Tensor) -> dict[str, Any]:
     top_ours, top_theirs = ours.argmax(-1), theirs.argmax(-1)
     target = tokens[1:]
-    top5 = ours.topk(5, dim=-1).indices
+    top5 = ours.topk(min(5, ours.shape[-1]), dim=-1).indices
     nll = lambda logits: nn.functional.cross_entropy(logits[:-1], target).item()  # noqa: E731
     return {
         "tokens": int(tokens.numel()),

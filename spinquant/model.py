@@ -29,7 +29,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from utils.hadamard import hadamard_transform
+from utils.hadamard import hadamard_quantize, hadamard_transform
 from utils.quant import ActQuantizer, QuantSpec, fake_quantize
 
 logger = logging.getLogger(__name__)
@@ -344,6 +344,9 @@ class QuantLinear(nn.Module):
         GPTQ builds its Hessian from this (not from the module's raw input), so down_proj's Hessian includes R4.
         """
         if self.input_hadamard:
+            if type(self.input_quantizer) is ActQuantizer and x.dtype == self.weight.dtype:
+                # R4 and the per-token quantizer in one pass over memory (a fused kernel on the GPU).
+                return hadamard_quantize(x, self.input_quantizer.spec, fp32=self.hadamard_fp32)
             if self.hadamard_fp32 and x.dtype != torch.float32:
                 x = hadamard_transform(x.float())
                 if self.input_quantizer is not None:
@@ -423,12 +426,17 @@ def _quantize_kv_heads(states: torch.Tensor, spec: QuantSpec, head_dim: int) -> 
 
 def _make_quant_attention(base_name: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
+        spec = getattr(module, "k_quant_spec", None)
+        quantize_key = spec is not None and spec.enabled
         if getattr(module, "qk_hadamard", False):
             # R3: the same Hadamard on Q and K (over head_dim) leaves Q K^T unchanged but spreads K's outliers.
             query = hadamard_transform(query)
-            key = hadamard_transform(key)
-        spec = getattr(module, "k_quant_spec", None)
-        if spec is not None and spec.enabled:
+            if quantize_key and 0 < spec.groupsize <= key.shape[-1]:
+                key = hadamard_quantize(key, spec)  # R3 + per-head K quantization in one pass
+                quantize_key = False
+            else:
+                key = hadamard_transform(key)
+        if quantize_key:
             key = _quantize_kv_heads(key, spec, key.shape[-1])
         return _base_attention(base_name)(module, query, key, value, attention_mask, **kwargs)
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from train_utils.plots import plot_loss_curve
-from train_utils.rotation_model import DeviceTimer, build_rotation_network
+from train_utils.rotation_model import build_rotation_network
 from train_utils.trainer import (
     CHECKPOINT_FILE,
     CURVE_FILE,
@@ -122,6 +122,7 @@ def run_optimize_rotation(args) -> dict:
             quant_config,
             init,
             fp32_had=rotation_config.fp32_had,
+            online_hadamard=rotation_config.online_hadamard,
             center_embeddings=rotation_config.center_embeddings,
             cache_weights=bool(args.cache_rotated_weights) and not fsdp_options,
             gradient_checkpointing=bool(args.gradient_checkpointing),
@@ -136,7 +137,7 @@ def run_optimize_rotation(args) -> dict:
             )
             wrapped = apply_fsdp(network, fsdp_options, layer_classes, context)
             network.rotations.to(device)
-            network.rotation_timer = DeviceTimer(device)
+            network.set_timer_device(device)
     logger.info(
         "training R1 %s and %d R2 (%s) on %d blocks of %d tokens from WikiText-2 %s; %s",
         tuple(network.rotations.r1.shape), len(network.rotations.r2), init_source, blocks.shape[0], blocks.shape[1],

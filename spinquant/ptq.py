@@ -19,11 +19,18 @@ from eval_utils.gptq import gptq_config_from_args, gptq_quantize_model
 from eval_utils.perplexity import evaluate_perplexity
 from eval_utils.zeroshot import evaluate_zeroshot
 from utils.args import parse_ptq_args
-from utils.data import get_calibration_windows, get_eval_windows
+from utils.data import get_calibration_windows, get_eval_windows, resolve_data_dir
 from utils.io import PhaseTimer, describe_device, setup_logging, write_json
 
 from .config import quant_config_from_args, rotation_config_from_args
+from .export_executorch import (
+    check_export_config,
+    pad_mlp_for_executorch,
+    quantize_embeddings_for_executorch,
+    save_executorch_checkpoint,
+)
 from .model import load_model, pick_device
+from .qmodel import load_qmodel, save_qmodel
 from .quantize import quantize_
 from .rotation import rotate_
 
@@ -41,17 +48,65 @@ def resolve_dtype(bf16: bool, fp16: bool, device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def _not_yet(args) -> str | None:
-    if args.load_qmodel_path or args.save_qmodel_path or args.export_to_et:
-        return "--load_qmodel_path / --save_qmodel_path / --export_to_et are not implemented yet"
-    return None
+def _check_save_load_flags(args) -> None:
+    """Fail before any work on flags that cannot go together."""
+    if args.load_qmodel_path and args.save_qmodel_path:
+        raise ValueError("--load_qmodel_path and --save_qmodel_path are exclusive: the loaded model is already saved")
+    if args.export_to_et:
+        if args.load_qmodel_path:
+            raise ValueError("--export_to_et runs with quantization, not with --load_qmodel_path")
+        check_export_config(quant_config_from_args(args), rotation_config_from_args(args))
+
+
+def _input_model_config(args):
+    """The config of --input_model, to check a loaded file against (None, with a warning, if unreadable)."""
+    from transformers import AutoConfig
+
+    from .model import _local_folder, resolve_model_source
+
+    try:
+        folder = _local_folder(resolve_model_source(args.input_model), args.access_token)
+        return AutoConfig.from_pretrained(folder, token=args.access_token)
+    except (OSError, ValueError) as err:
+        logger.warning("cannot read the config of --input_model %s to check the loaded file against it: %s",
+                       args.input_model, err)
+        return None
+
+
+def _load_saved(args, device: torch.device, dtype: torch.dtype):
+    """--load_qmodel_path: the saved model, checked against --input_model and the quantization flags."""
+    from .model import load_tokenizer
+
+    model, tokenizer, info = load_qmodel(
+        args.load_qmodel_path, device=device, dtype=dtype, attn_implementation=args.attn_implementation,
+        quant=quant_config_from_args(args), rotation=rotation_config_from_args(args),
+        model_config=_input_model_config(args),
+    )
+    if tokenizer is None:
+        tokenizer = load_tokenizer(args.input_model, token=args.access_token)
+    return model, tokenizer
+
+
+def _save_outputs(args, model, tokenizer, padded: dict | None) -> dict | None:
+    """--save_qmodel_path (our format), or with --export_to_et ExecuTorch's checkpoint plus ours beside it."""
+    if not args.save_qmodel_path:
+        return None
+    extra = {"original_model_config": {"intermediate_size": padded["from"]}} if padded else {}
+    if not args.export_to_et:
+        return {"qmodel": str(save_qmodel(model, args.save_qmodel_path, tokenizer, args.input_model, extra))}
+    target = Path(args.save_qmodel_path)
+    qmodel = target.with_name(target.name.split(".")[0] + "_qmodel")
+    save_qmodel(model, qmodel, tokenizer, args.input_model, extra)
+    paths = save_executorch_checkpoint(
+        model, target, tokenizer, extra={"qmodel": str(qmodel), "padded_intermediate": padded}
+    )
+    return {"executorch_checkpoint": str(paths.checkpoint), "executorch_params": str(paths.params),
+            "executorch_info": str(paths.info), "qmodel": str(qmodel), "padded_intermediate": padded}
 
 
 def run_ptq(args) -> dict:
     """The PTQ pipeline for parsed arguments; returns the result dictionary (also written as JSON)."""
-    problem = _not_yet(args)
-    if problem:
-        raise NotImplementedError(problem)
+    _check_save_load_flags(args)
     timer = PhaseTimer()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -60,22 +115,30 @@ def run_ptq(args) -> dict:
     progress = not args.no_progress
 
     with timer.phase("load_model"):
-        model, tokenizer = load_model(
-            args.input_model,
-            dtype=dtype,
-            device=device,
-            token=args.access_token,
-            attn_implementation=args.attn_implementation,
-        )
+        if args.load_qmodel_path:
+            model, tokenizer = _load_saved(args, device, dtype)
+        else:
+            model, tokenizer = load_model(
+                args.input_model,
+                dtype=dtype,
+                device=device,
+                token=args.access_token,
+                attn_implementation=args.attn_implementation,
+            )
+    # ExecuTorch's native R4 needs a power-of-two intermediate size: pad the MLP (exactly) before rotating.
+    padded = pad_mlp_for_executorch(model) if args.export_to_et else None
     with timer.phase("load_data"):
         windows = get_eval_windows(tokenizer, args.model_max_length, split=args.eval_split, data_dir=args.data_dir)
         if args.eval_windows > 0:
             windows = windows[: args.eval_windows]
     with timer.phase("rotate"):
         rotation_config = rotation_config_from_args(args)
-        rotate_(model, rotation_config)
+        if not args.load_qmodel_path:  # a loaded model is rotated already
+            rotate_(model, rotation_config)
+    if args.export_to_et:  # 8-bit embedding and lm_head, before GPTQ as the paper's code
+        quantize_embeddings_for_executorch(model, clip_search=args.w_clip)
     # GPTQ (the paper's default for w_bits < 16) runs before the activation quantizers are installed.
-    use_gptq = args.w_bits < 16 and not args.w_rtn
+    use_gptq = args.w_bits < 16 and not args.w_rtn and not args.load_qmodel_path
     gptq_summary = None
     if use_gptq:
         with timer.phase("load_calibration"):
@@ -89,7 +152,10 @@ def run_ptq(args) -> dict:
                 progress=progress,
             )
     with timer.phase("quantize"):
-        quant_config = quantize_(model, quant_config_from_args(args), weights=not use_gptq, progress=progress)
+        loaded_or_gptq = use_gptq or bool(args.load_qmodel_path)
+        quant_config = quantize_(model, quant_config_from_args(args), weights=not loaded_or_gptq, progress=progress)
+    with timer.phase("save"):
+        saved = _save_outputs(args, model, tokenizer, padded)
     with timer.phase("eval_ppl"):
         ppl = evaluate_perplexity(model, windows, batch_size=args.per_device_eval_batch_size, progress=progress)
 
@@ -115,6 +181,8 @@ def run_ptq(args) -> dict:
         "ppl_eval": ppl,
         "weight_method": ("gptq" if use_gptq else "rtn") if args.w_bits < 16 else None,
         "gptq": gptq_summary,
+        "saved": saved,
+        "loaded_from": args.load_qmodel_path,
         "zeroshot_avg": zeroshot["avg"] if zeroshot else None,
         "zeroshot": zeroshot,
         "device": describe_device(device),

@@ -2,11 +2,12 @@
 
 A saved model is a folder, written atomically (built in a temporary folder beside the target, then renamed):
 
-* ``qmodel.safetensors`` -- for every quantized decoder linear ``<name>``: ``<name>.qweight`` (uint8, the integer
-  levels bit-packed along the input dimension, see :func:`pack_levels`), ``<name>.scales`` and ``<name>.zeros``
-  (float32, ``[out_features, n_groups]``) and ``<name>.bias`` if any; every other tensor (embeddings, norms,
-  lm_head, linears left in floating point) under its state-dict name in the model's dtype. Tied embeddings are
-  stored once. The safetensors metadata holds ``format`` / ``version`` so a stray file is recognised.
+* ``qmodel.safetensors`` -- for every module with integer weights ``<name>`` (decoder linears; with
+  ``--export_to_et`` also the 8-bit embedding and lm_head): ``<name>.qweight`` (uint8, the integer levels
+  bit-packed along the input dimension, see :func:`pack_levels`), ``<name>.scales`` and, for asymmetric formats
+  only, ``<name>.zeros`` (float32, ``[out_features, n_groups]``), and ``<name>.bias`` if any; every other tensor
+  (embeddings, norms, lm_head, linears left in floating point) under its state-dict name in the model's dtype.
+  Tied embeddings are stored once. The safetensors metadata holds ``format`` / ``version``.
 * ``spinquant_qmodel.json`` -- the resolved :class:`~spinquant.config.QuantConfig` and
   :class:`~spinquant.config.RotationConfig`, the dtype, each quantized linear's format (bits, symmetry, group
   size, shape) and which linears run the online Hadamard (R4), whether R3 is on, and where the model came from.
@@ -274,7 +275,8 @@ def _tensors_to_save(model: nn.Module, quantized: dict[str, QuantLinear]) -> dic
         levels = (q + _level_offset(spec)).to(torch.int16)
         tensors[f"{name}.qweight"] = pack_levels(levels.cpu(), spec.bits)
         tensors[f"{name}.scales"] = module.weight_scale.detach().to(torch.float32).cpu()
-        tensors[f"{name}.zeros"] = module.weight_zero.detach().to(torch.float32).cpu()
+        if spec.asym:  # symmetric zero points are 0 by definition: not stored
+            tensors[f"{name}.zeros"] = module.weight_zero.detach().to(torch.float32).cpu()
     skip = {f"{name}.weight" for name in quantized}
     seen: dict[int, str] = {}
     for key, value in model.state_dict().items():
@@ -321,6 +323,9 @@ def save_qmodel(
         model.config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(staging, 0o777 & ~mask)  # mkdtemp makes 0700; give the folder the permissions mkdir would
         if target.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             os.replace(target, backup / "old")
@@ -361,10 +366,6 @@ def read_qmodel_info(path: str | os.PathLike) -> dict:
     return info
 
 
-def _flag_value(value: Any) -> str:
-    return str(value)
-
-
 def check_qmodel_flags(
     info: dict, quant: QuantConfig | None = None, rotation: RotationConfig | None = None, dtype: torch.dtype | None = None
 ) -> None:
@@ -384,7 +385,7 @@ def check_qmodel_flags(
                 continue
             mine, theirs = getattr(asked, field.name), getattr(saved, field.name)
             if mine != theirs:
-                problems.append(f"--{field.name} {_flag_value(theirs)} (command line: {_flag_value(mine)})")
+                problems.append(f"--{field.name} {theirs} (command line: {mine})")
     if rotation is not None:
         saved_rotation = info.get("rotation")
         saved_rotate = bool(saved_rotation and saved_rotation.get("rotate"))
@@ -478,7 +479,10 @@ def _load_integer_linears(model: nn.Module, info: dict, tensors: dict[str, torch
         nbytes = (in_features * spec.bits + 7) // 8
         packed = _take(tensors, f"{name}.qweight", (out_features, nbytes), torch.uint8)
         scale = _take(tensors, f"{name}.scales", (out_features, groups), torch.float32)
-        zero = _take(tensors, f"{name}.zeros", (out_features, groups), torch.float32)
+        if spec.asym or f"{name}.zeros" in tensors:
+            zero = _take(tensors, f"{name}.zeros", (out_features, groups), torch.float32)
+        else:  # symmetric: zero points are 0 and usually not stored
+            zero = torch.zeros_like(scale)
         device = module.weight.device
         levels = unpack_levels(packed, spec.bits, in_features).to(device)
         q = levels.to(torch.float32) - _level_offset(spec)
@@ -487,7 +491,7 @@ def _load_integer_linears(model: nn.Module, info: dict, tensors: dict[str, torch
         _store_weight_params(module, spec, scale, zero)
 
 
-def _build_model(folder: Path, info: dict, dtype: torch.dtype, attn_implementation: str):
+def _build_model(folder: Path, dtype: torch.dtype, attn_implementation: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
@@ -530,7 +534,7 @@ def load_qmodel(
     dtype = dtype or saved_dtype
 
     tensors = _read_tensors(folder)
-    model = _build_model(folder, info, dtype, attn_implementation)
+    model = _build_model(folder, dtype, attn_implementation)
     wrap_linears(model)
     rotation_info = info.get("rotation")
     if rotation_info is not None:

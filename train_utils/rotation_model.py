@@ -87,16 +87,16 @@ def rotate_weight(
         return w @ r1
     if kind == OUTPUT_SIDE:
         return r1.T @ w
+    if kind not in (V_PROJ, O_PROJ):
+        raise ValueError(f"unknown weight kind {kind!r}")
     if r2 is None or head_dim <= 0:
         raise ValueError(f"{kind} needs R2 and head_dim")
     r2 = r2.to(dtype)
     if kind == V_PROJ:
         a = (w @ r1).view(-1, head_dim, w.shape[1])  # [heads, head_dim, hidden]
         return (r2.T @ a).reshape(w.shape)
-    if kind == O_PROJ:
-        b = (r1.T @ w).view(w.shape[0], -1, head_dim)  # [hidden, heads, head_dim]
-        return (b @ r2).reshape(w.shape)
-    raise ValueError(f"unknown weight kind {kind!r}")
+    b = (r1.T @ w).view(w.shape[0], -1, head_dim)  # O_PROJ: [hidden, heads, head_dim]
+    return (b @ r2).reshape(w.shape)
 
 
 def identity_rotations(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -162,7 +162,11 @@ class RotatedQuantWeight(nn.Module):
         self.layer_index = layer_index
         self.head_dim = head_dim
         self._rotations = _Unregistered(rotations)
+        self._timer: _Unregistered | None = None
         self.cached: torch.Tensor | None = None
+        # On the fly, the weight computed for the current call of the linear (its forward may read .weight twice,
+        # e.g. for the dtype); cleared by forward hooks when a call starts and ends.
+        self._memo: tuple[tuple, torch.Tensor] | None = None
 
     def trainable(self) -> list[nn.Parameter]:
         """The rotations this weight depends on (R1, plus this layer's R2 for v_proj/o_proj)."""
@@ -181,10 +185,26 @@ class RotatedQuantWeight(nn.Module):
         rotated = self.rotate(original).to(original.dtype)
         return fake_quantize_weight(rotated, self.spec, clip_search=self.clip_search)
 
+    def _key(self, original: torch.Tensor) -> tuple:
+        versions = tuple(p._version for p in self.trainable())
+        return (original.data_ptr(), original._version, versions, torch.is_grad_enabled())
+
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         if self.cached is not None:
             return self.cached
-        return self.compute(original)
+        key = self._key(original)
+        if self._memo is not None and self._memo[0] == key:
+            return self._memo[1]
+        if self._timer is None:
+            weight = self.compute(original)
+        else:
+            with self._timer.target.region():
+                weight = self.compute(original)
+        self._memo = (key, weight)
+        return weight
+
+    def end_call(self) -> None:
+        self._memo = None
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -276,8 +296,13 @@ class RotationNetwork(nn.Module):
         self.cache_weights = cache_weights
         self.loss_chunk_tokens = loss_chunk_tokens
         self._linears = linears
-        device = rotations.r1.device
+        self.set_timer_device(rotations.r1.device)
+
+    def set_timer_device(self, device: torch.device) -> None:
+        """Time the rotation work on ``device`` (the weight cache and, on the fly, each weight's computation)."""
         self.rotation_timer = DeviceTimer(device)
+        for linear in self._linears:
+            linear.param._timer = _Unregistered(self.rotation_timer)
 
     # -- the per-step weight cache --------------------------------------------------------------------------------
 
@@ -401,6 +426,7 @@ def build_rotation_network(
     init_rotations: dict[str, torch.Tensor],
     *,
     fp32_had: bool = False,
+    online_hadamard: bool = True,
     center_embeddings: bool = False,
     cache_weights: bool = True,
     gradient_checkpointing: bool = True,
@@ -410,6 +436,8 @@ def build_rotation_network(
 
     ``init_rotations``: R1/R2 to start from (R.bin layout), e.g. :func:`spinquant.rotation.make_random_rotations`.
     ``cache_weights``: compute the rotated, quantized weights once per step (False: on every forward, for FSDP).
+    ``online_hadamard``: False is the paper's "no_had" variant (no R4, no R3), to pair with PTQ's
+    ``--online_hadamard False``.
     """
     arch = get_architecture(model)
     heads, kv_heads, head_dim = kv_shape(model.config)
@@ -418,9 +446,9 @@ def build_rotation_network(
 
     # The PTQ preparation, minus R1/R2: norms fused, R4 merged (+ online), quantizers and R3.
     fuse_layer_norms(model, center_embeddings=center_embeddings)
-    merge_rotations(model, identity_rotations(model), online_hadamard=True, fp32_had=fp32_had)
+    merge_rotations(model, identity_rotations(model), online_hadamard=online_hadamard, fp32_had=fp32_had)
     resolved = quant.for_head_dim(head_dim)
-    configure_activation_quant(model, resolved, qk_hadamard=resolved.k.enabled)
+    configure_activation_quant(model, resolved, qk_hadamard=online_hadamard and resolved.k.enabled)
     model.spinquant_quant = resolved
 
     layers = list(decoder_layers(model))
@@ -445,6 +473,10 @@ def build_rotation_network(
                 spec = weight_spec_for(name, resolved, arch.down_proj)
                 param = RotatedQuantWeight(kinds[name], spec, resolved.w_clip, rotations, index, head_dim)
                 parametrize.register_parametrization(module, "weight", param, unsafe=True)
+                # The memo lives for one call of the linear: cleared when it starts (a recomputation stopped early
+                # by the checkpoint never reaches the end) and when it ends.
+                module.register_forward_pre_hook(lambda _m, _args, param=param: param.end_call())
+                module.register_forward_hook(lambda _m, _args, _out, param=param: param.end_call())
                 linears.append(_Linear(f"{arch.layers}.{index}.{block_name}.{name}", module, param))
 
     embed = model.get_submodule(arch.embed_tokens)

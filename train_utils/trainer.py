@@ -15,6 +15,12 @@ One optimizer step (the paper's recipe, Hugging Face Trainer semantics):
 Global batch ``b`` of step ``s`` is blocks ``s*B .. s*B+B-1`` of the (in-order) training blocks, rank ``r`` taking
 its contiguous share: the same blocks per step whatever the number of processes.
 
+Timing of a step (``train_log.jsonl``): ``step_time_s`` from the first micro-batch to the end of the Cayley step;
+``rotation_s`` the device time spent applying R1/R2 to the weights (with the per-step cache: rotating and
+fake-quantizing them once plus folding their gradients into R1/R2; without it: every weight computation inside the
+forward and the checkpoint recomputation, the backward through it not included); ``forward_backward_s`` the rest
+of forward and backward; ``optimizer_s`` the all-reduce, clipping and Cayley step.
+
 Outputs (main rank): ``train_log.jsonl`` (one JSON record per step) and ``loss_curve.png`` under ``logging_dir``;
 ``checkpoint.pt`` (rotations, optimizer state, step, data position) under ``output_dir`` every ``save_steps`` and
 at the end; on a non-finite loss, ``R_last_good.bin`` and the checkpoint of the last good step before the error.
@@ -216,6 +222,9 @@ def apply_fsdp(
 
     if network.cache_weights:
         raise ValueError("FSDP needs the rotated weights computed on the fly (cache_weights=False)")
+    if not dist.is_initialized():  # FSDP in a single process (no torchrun): a one-member group
+        backend = "nccl" if context.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(context.device.type, (context.world_size,))
     reshard = "shard_grad_op" not in options
     default = type(network.decoder_layer_modules()[0]).__name__
@@ -449,8 +458,8 @@ class RotationTrainer:
             "cayley_step_size": max(self.optimizer.last_step_sizes or [0.0]),
             "step_time_s": step_seconds,
             "tokens_per_s": config.global_batch_size * self.seqlen / step_seconds,
-            "forward_backward_s": after_backward - start - (rotation_seconds if self.network.cache_weights else 0.0),
-            "rotation_s": rotation_seconds if self.network.cache_weights else None,
+            "forward_backward_s": after_backward - start - rotation_seconds,
+            "rotation_s": rotation_seconds,
             "optimizer_s": end - after_backward,
         }
         if self.optimizer.last_orthogonality:
@@ -466,6 +475,10 @@ class RotationTrainer:
         config = self.config
         if config.resume_from_checkpoint:
             self.resume(config.resume_from_checkpoint)
+        else:  # a fresh run starts a fresh log
+            self.start_step, self.records = 0, []
+            if self.context.is_main:
+                self._rewrite_log()
         self.network.train()
         bar = tqdm(
             total=config.max_steps,

@@ -91,6 +91,12 @@ def add_rotation_args(parser: argparse.ArgumentParser) -> None:
         help="seed of random R1/R2 (-1: use --seed; the paper's code ignores this flag)",
     )
     add_bool(group, "--fp32_had", False, "apply the online Hadamard (and its quantizer) in float32")
+    add_bool(
+        group,
+        "--online_hadamard",
+        True,
+        "(spinquant) with --rotate, apply R4 (and, with K quantized, R3) online; False: R1/R2 only (the paper's no_had)",
+    )
     group.add_argument("--optimized_rotation_path", default=None, help="R.bin with learned or released R1/R2")
     add_bool(
         group,

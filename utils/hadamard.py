@@ -653,7 +653,8 @@ def _select_backend(x: torch.Tensor, requested: str | None) -> _Backend:
     if not backend.supports(x):
         raise ValueError(
             f"Hadamard backend {name!r} (from {source}) cannot handle a {x.dtype} tensor on {x.device} with last "
-            f"dimension {x.shape[-1]} (it needs {backend.limits or 'a CUDA tensor of a supported dtype and size'}); use 'auto' or 'torch'"
+            f"dimension {x.shape[-1]} (it needs {backend.limits or 'a CUDA tensor of a supported dtype and size'}); "
+            "use 'auto' or 'torch'"
         )
     return backend
 

@@ -132,6 +132,28 @@ def test_bfloat16_round_trip_is_bitwise(tmp_path):
         assert torch.equal(loaded(input_ids=ids).logits, reference)
 
 
+def test_gptq_weights_round_trip_exactly(tmp_path):
+    """GPTQ (act_order, static groups, clip search) keeps weight_scale/weight_zero as RTN does: saved exactly."""
+    import argparse
+
+    from eval_utils.gptq import gptq_config_from_args, gptq_quantize_model
+
+    model = _tiny()
+    rotate_(model, RotationConfig(rotate=True))
+    quant = QuantConfig(w_bits=4, w_groupsize=32, w_clip=True, a_bits=8, a_asym=True)
+    gptq = gptq_config_from_args(argparse.Namespace(nsamples=4, percdamp=0.01, act_order=True, seed=0))
+    calibration = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(3))
+    gptq_quantize_model(model, calibration, quant, gptq, device="cpu", progress=False)
+    quantize_(model, quant, weights=False, progress=False)
+    ids = _ids()
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    save_qmodel(model, tmp_path / "q")
+    loaded, _, _ = load_qmodel(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, reference)
+
+
 def test_loaded_model_is_the_same_wrapper(tmp_path):
     model = _quantized(W4A4KV4, True)
     save_qmodel(model, tmp_path / "q")
@@ -165,6 +187,7 @@ def test_file_holds_packed_integers_and_a_json_config(tmp_path):
         qweight = handle.get_tensor("model.layers.0.self_attn.q_proj.qweight")
         scales = handle.get_tensor("model.layers.0.self_attn.q_proj.scales")
     assert "model.layers.0.self_attn.q_proj.weight" not in keys
+    assert "model.layers.0.self_attn.q_proj.zeros" not in keys  # symmetric: zero points are 0, not stored
     assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= keys
     assert qweight.dtype == torch.uint8 and qweight.shape == (64, 32)  # 64 inputs x 4 bits = 32 bytes
     assert scales.shape == (64, 2)  # 64 inputs in groups of 32
@@ -312,3 +335,44 @@ def test_smollm2_round_trip_is_exact(tmp_path):
     assert len(info["linears"]) == 30 * 7
     # 4-bit decoder weights (~106M values -> ~53 MB packed) plus float32 embedding and lm_head (2 x 28M x 4 B)
     assert size < 330e6
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The PTQ entry point
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _ptq(tiny_model_dir, tiny_data_dir, tmp_path, name, *extra):
+    from spinquant.ptq import main
+
+    out = tmp_path / f"{name}.json"
+    argv = [
+        "--input_model", str(tiny_model_dir), "--data_dir", str(tiny_data_dir), "--model_max_length", "32",
+        "--eval_windows", "2", "--result_json", str(out), "--no_progress", *extra,
+    ]
+    code = main(argv)
+    return code, (json.loads(out.read_text()) if code == 0 else None)
+
+
+FLAGS = ("--w_bits", "4", "--a_bits", "4", "--k_bits", "4", "--a_asym", "--k_asym", "--w_groupsize", "32", "--rotate")
+
+
+def test_ptq_save_then_load_gives_the_same_perplexity(tiny_model_dir, tiny_data_dir, tmp_path, caplog):
+    saved = tmp_path / "qmodel"
+    code, first = _ptq(tiny_model_dir, tiny_data_dir, tmp_path, "save", *FLAGS, "--w_rtn", "--w_clip",
+                       "--save_qmodel_path", str(saved))
+    assert code == 0 and first["saved"]["qmodel"] == str(saved)
+    # loading needs neither --w_rtn nor --w_clip (how the weights were found); it runs no rotation, RTN or GPTQ
+    code, second = _ptq(tiny_model_dir, tiny_data_dir, tmp_path, "load", *FLAGS, "--load_qmodel_path", str(saved))
+    assert code == 0
+    assert second["wiki2_ppl"] == first["wiki2_ppl"]
+    code, _ = _ptq(tiny_model_dir, tiny_data_dir, tmp_path, "bad", *FLAGS[:-1], "--w_bits", "3",
+                   "--load_qmodel_path", str(saved))
+    assert code == 2
+    assert "--w_bits 4 (command line: 3)" in caplog.text and "--rotate True (command line: False)" in caplog.text
+
+
+def test_ptq_refuses_save_and_load_together(tiny_model_dir, tiny_data_dir, tmp_path, caplog):
+    code, _ = _ptq(tiny_model_dir, tiny_data_dir, tmp_path, "x", "--load_qmodel_path", str(tmp_path / "a"),
+                   "--save_qmodel_path", str(tmp_path / "b"))
+    assert code == 2 and "exclusive" in caplog.text
