@@ -46,7 +46,7 @@ for part in "${PARTS[@]}"; do
     tests)
       # -k gpu: the GPU set only (the interpreter set skips itself where CUDA exists). A failure is reported and
       # the other parts still run, so one call brings back everything.
-      if ! "$PYTHON" -m pytest -q -p no:cacheprovider tests/utils/test_hadamard_triton.py -k gpu --durations=10 \
+      if ! "$PYTHON" -m pytest -q -p no:cacheprovider tests/utils/test_hadamard_triton.py -m gpu --durations=10 \
         --junitxml "$OUT/issue5_gpu_tests.xml" 2>&1 | tee "$OUT/issue5_gpu_tests.log"; then
         echo "[issue5] GPU TESTS FAILED: see $OUT/issue5_gpu_tests.log"
       fi

@@ -435,12 +435,12 @@ def _choose_config(x: torch.Tensor, out: torch.Tensor, **kernel_options) -> Laun
     key = f"{device_key}|{n}|{str(x.dtype).removeprefix('torch.')}|{variant}|rows{bucket}"
     _load_tuned(device_key)
     if key not in _TUNED:
-        import triton.testing
+        from triton.testing import do_bench
 
         timings = []
         for config in candidate_configs(n, n_rows, x.element_size()):
             run = functools.partial(_run, x, out, config=config, **kernel_options)
-            timings.append((triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median"), config))
+            timings.append((do_bench(run, warmup=5, rep=20, return_mode="median"), config))
         _TUNED[key] = min(timings)[1]
         _save_tuned()
     return _TUNED[key]

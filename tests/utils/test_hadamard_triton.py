@@ -458,15 +458,18 @@ def test_interpreter_model_uses_fused_kernels_and_matches_pytorch(interpreted, m
         monkeypatch.setenv(hadamard.BACKEND_ENV_VAR, "triton")
         got = model(ids).logits
     assert len(calls) == 4
-    if _is_power_of_two(intermediate):
-        assert torch.equal(got, expected)
-    else:
-        torch.testing.assert_close(got, expected, rtol=0, atol=0.05 * expected.abs().max().item())
+    # A quantization level flipped at a rounding boundary (see above) moves logits slightly, whatever n is.
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.05 * expected.abs().max().item())
 
 
 # ------------------------------------------------------------------------------------------------ GPU
 
-gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA device and Triton")
+_needs_gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA device and Triton")
+
+
+def gpu(test):
+    """GPU-only test: selectable with ``pytest -m gpu``, skipped without CUDA and Triton."""
+    return pytest.mark.gpu(_needs_gpu(test))
 
 
 @pytest.fixture(autouse=True)
@@ -531,10 +534,10 @@ def test_gpu_fused_quantize_matches_composition(n, dtype, spec):
     x = _inputs((4, 33, n), dtype, device="cuda")
     fused = hadamard_quantize(x, spec, backend="triton")
     reference = _composition(x, spec)
-    if _is_power_of_two(n):
-        assert torch.equal(fused, reference)
-    else:
-        assert_quantized_close(fused, reference, _transformed_for_steps(x, False), spec)
+    # On the GPU even power-of-two sizes get the one-step tolerance: the transforms are bit-identical, but
+    # PyTorch's CUDA elementwise kernels and the Triton kernel may round the quantizer's float32 arithmetic
+    # (division, scale products) differently, which flips values sitting exactly on a rounding boundary.
+    assert_quantized_close(fused, reference, _transformed_for_steps(x, False), spec)
 
 
 @gpu
@@ -544,10 +547,7 @@ def test_gpu_fused_quantize_fp32_had(n):
     spec = SPECS[0]
     fused = hadamard_quantize(x, spec, fp32=True, backend="triton")
     reference = _composition(x, spec, fp32=True)
-    if _is_power_of_two(n):
-        assert torch.equal(fused, reference)
-    else:
-        assert_quantized_close(fused, reference, _transformed_for_steps(x, True), spec)
+    assert_quantized_close(fused, reference, _transformed_for_steps(x, True), spec)
 
 
 @gpu
@@ -556,7 +556,9 @@ def test_gpu_any_leading_shape_and_strides():
         x = x.cuda()
         assert torch.equal(hadamard_transform(x, backend="triton"), hadamard_transform(x, backend="torch")), name
         spec = QuantSpec(bits=4, asym=True, groupsize=x.shape[-1] // 2)
-        assert torch.equal(hadamard_quantize(x, spec, backend="triton"), _composition(x, spec)), name
+        assert_quantized_close(
+            hadamard_quantize(x, spec, backend="triton"), _composition(x, spec), _transformed_for_steps(x, False), spec
+        )
 
 
 @gpu
@@ -576,10 +578,8 @@ def test_gpu_model_matches_pytorch_backend(monkeypatch, intermediate):
         expected = model(ids).logits
         monkeypatch.setenv(hadamard.BACKEND_ENV_VAR, "triton")
         got = model(ids).logits
-    if _is_power_of_two(intermediate):
-        assert torch.equal(got, expected)
-    else:
-        torch.testing.assert_close(got, expected, rtol=0, atol=0.05 * expected.abs().max().item())
+    # A quantization level flipped at a rounding boundary (see above) moves logits slightly, whatever n is.
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.05 * expected.abs().max().item())
 
 
 @gpu
@@ -600,9 +600,7 @@ def test_gpu_every_candidate_config(n, dtype):
         assert_transform_close(y, reference)
         if _is_power_of_two(n):
             assert torch.equal(y, hadamard_transform(x, backend="torch")), config
-            assert torch.equal(q, quantized), config
-        else:
-            assert_quantized_close(q, quantized, _transformed_for_steps(x, False), SPECS[0])
+        assert_quantized_close(q, quantized, _transformed_for_steps(x, False), SPECS[0])
 
 
 @gpu
