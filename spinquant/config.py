@@ -2,7 +2,7 @@
 
 In the style of torchao, a config object drives a transform::
 
-    rotate_(model, RotationConfig(rotate=True, mode="hadamard", seed=0), online_r3=quant.k.enabled)
+    rotate_(model, RotationConfig(rotate=True, mode="hadamard", seed=0))  # R3 follows quant.k in quantize_
     quantize_(model, QuantConfig(w_bits=4, a_bits=4, k_bits=4, v_bits=4, w_clip=True, a_asym=True))
 
 Both are built from the paper's flags by :func:`quant_config_from_args` / :func:`rotation_config_from_args`.
@@ -134,6 +134,6 @@ def rotation_config_from_args(args) -> RotationConfig:
         seed=seed,
         optimized_rotation_path=args.optimized_rotation_path or None,
         fp32_had=bool(args.fp32_had),
-        online_hadamard=getattr(args, "online_hadamard", True),
+        online_hadamard=getattr(args, "online_hadamard", None) is not False,
         center_embeddings=bool(getattr(args, "center_embeddings", False)),
     )

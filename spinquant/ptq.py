@@ -6,6 +6,7 @@ its command-line name, ``wiki2_ppl``, ``device``, ``timings`` in seconds per pha
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import logging
 import random
@@ -29,14 +30,14 @@ from .export_executorch import (
     quantize_embeddings_for_executorch,
     save_executorch_checkpoint,
 )
-from .model import load_model, pick_device
+from .model import kv_shape, load_model, pick_device
 from .qmodel import load_qmodel, save_qmodel
-from .quantize import quantize_
+from .quantize import quantize_, quantize_weights_rtn
 from .rotation import rotate_
 
 logger = logging.getLogger("spinquant.ptq")
 
-__all__ = ["main", "run_ptq", "resolve_dtype"]
+__all__ = ["main", "run_ptq", "resolve_dtype", "PTQCache"]
 
 
 def resolve_dtype(bf16: bool, fp16: bool, device: torch.device) -> torch.dtype:
@@ -104,8 +105,71 @@ def _save_outputs(args, model, tokenizer, padded: dict | None) -> dict | None:
             "executorch_info": str(paths.info), "qmodel": str(qmodel), "padded_intermediate": padded}
 
 
-def run_ptq(args) -> dict:
-    """The PTQ pipeline for parsed arguments; returns the result dictionary (also written as JSON)."""
+class PTQCache:
+    """What in-process runs of :func:`run_ptq` can share (the experiment driver runs dozens of cells in a row).
+
+    * the freshly loaded model (each run works on a deep copy) and its tokenizer;
+    * tokenized evaluation and calibration windows;
+    * the model after rotation and weight quantization (RTN or GPTQ), keyed by every flag that shapes it. Weight
+      quantization does not depend on the activation/KV flags (GPTQ calibrates with activations in full precision,
+      as the paper's code), so the cells of one row of the paper's table quantize the weights once. At most
+      ``max_weight_entries`` such models are kept (least recently used dropped).
+    """
+
+    def __init__(self, max_weight_entries: int = 2) -> None:
+        self.models: dict[tuple, tuple] = {}
+        self.windows: dict[tuple, list] = {}
+        self.weights: dict[tuple, tuple] = {}
+        self.max_weight_entries = max_weight_entries
+        self.hits: dict[str, int] = {"model": 0, "windows": 0, "weights": 0}
+
+    def remember_weights(self, key: tuple, model, summary) -> None:
+        self.weights.pop(key, None)
+        self.weights[key] = (copy.deepcopy(model), summary)
+        while len(self.weights) > self.max_weight_entries:
+            self.weights.pop(next(iter(self.weights)))
+
+    def recall_weights(self, key: tuple):
+        if key not in self.weights:
+            return None
+        self.weights[key] = self.weights.pop(key)  # most recently used last
+        self.hits["weights"] += 1
+        model, summary = self.weights[key]
+        return copy.deepcopy(model), summary
+
+
+def _weights_key(args, dtype: torch.dtype, device: torch.device, use_gptq: bool) -> tuple:
+    """Every flag that shapes the model up to (and including) weight quantization."""
+    names = (
+        "input_model", "attn_implementation", "rotate", "rotate_mode", "rotation_seed", "seed", "fp32_had",
+        "online_hadamard", "optimized_rotation_path", "center_embeddings", "export_to_et", "w_bits", "w_groupsize",
+        "w_asym", "w_clip", "int8_down_proj",
+    )
+    key = tuple((name, getattr(args, name, None)) for name in names)
+    if args.optimized_rotation_path:  # a re-learned R.bin under the same path must not hit a stale entry
+        path = Path(args.optimized_rotation_path)
+        key += (("rotation_mtime", path.stat().st_mtime_ns if path.exists() else None),)
+    if use_gptq:
+        key += tuple((name, getattr(args, name)) for name in ("nsamples", "percdamp", "act_order", "calib_split",
+                                                              "model_max_length", "data_dir"))
+    return key + (("dtype", str(dtype)), ("device", str(device)), ("gptq", use_gptq))
+
+
+def _cached(store: dict, key: tuple, make, cache: PTQCache | None, what: str):
+    if cache is None:
+        return make()
+    if key in store:
+        cache.hits[what] += 1
+    else:
+        store[key] = make()
+    return store[key]
+
+
+def run_ptq(args, cache: PTQCache | None = None) -> dict:
+    """The PTQ pipeline for parsed arguments; returns the result dictionary (also written as JSON).
+
+    ``cache`` (optional) shares loaded models, data and quantized weights between in-process runs.
+    """
     _check_save_load_flags(args)
     timer = PhaseTimer()
     random.seed(args.seed)
@@ -113,10 +177,21 @@ def run_ptq(args) -> dict:
     device = pick_device(args.device)
     dtype = resolve_dtype(args.bf16, args.fp16, device)
     progress = not args.no_progress
+    use_gptq = args.w_bits < 16 and not args.w_rtn and not args.load_qmodel_path
+    cacheable = cache is not None and not args.load_qmodel_path and not args.save_qmodel_path
+    weights_key = _weights_key(args, dtype, device, use_gptq) if cacheable else None
+    recalled = cache.recall_weights(weights_key) if cacheable else None
 
     with timer.phase("load_model"):
         if args.load_qmodel_path:
             model, tokenizer = _load_saved(args, device, dtype)
+        elif cacheable:
+            model_key = (args.input_model, str(dtype), str(device), args.attn_implementation)
+            pristine, tokenizer = _cached(cache.models, model_key, lambda: load_model(
+                args.input_model, dtype=dtype, device=device, token=args.access_token,
+                attn_implementation=args.attn_implementation,
+            ), cache, "model")
+            model = recalled[0] if recalled else copy.deepcopy(pristine)
         else:
             model, tokenizer = load_model(
                 args.input_model,
@@ -125,35 +200,49 @@ def run_ptq(args) -> dict:
                 token=args.access_token,
                 attn_implementation=args.attn_implementation,
             )
-    # ExecuTorch's native R4 needs a power-of-two intermediate size: pad the MLP (exactly) before rotating.
-    padded = pad_mlp_for_executorch(model) if args.export_to_et else None
     with timer.phase("load_data"):
-        windows = get_eval_windows(tokenizer, args.model_max_length, split=args.eval_split, data_dir=args.data_dir)
+        windows_key = ("eval", args.input_model, args.model_max_length, args.eval_split, args.data_dir)
+        windows = _cached(cache.windows if cache else {}, windows_key, lambda: get_eval_windows(
+            tokenizer, args.model_max_length, split=args.eval_split, data_dir=args.data_dir), cache, "windows")
         if args.eval_windows > 0:
             windows = windows[: args.eval_windows]
-    with timer.phase("rotate"):
-        rotation_config = rotation_config_from_args(args)
-        if not args.load_qmodel_path:  # a loaded model is rotated already
-            rotate_(model, rotation_config)
-    if args.export_to_et:  # 8-bit embedding and lm_head, before GPTQ as the paper's code
-        quantize_embeddings_for_executorch(model, clip_search=args.w_clip)
-    # GPTQ (the paper's default for w_bits < 16) runs before the activation quantizers are installed.
-    use_gptq = args.w_bits < 16 and not args.w_rtn and not args.load_qmodel_path
+    rotation_config = rotation_config_from_args(args)
+    padded = None
     gptq_summary = None
-    if use_gptq:
-        with timer.phase("load_calibration"):
-            calibration = get_calibration_windows(
-                tokenizer, args.nsamples, args.model_max_length, args.seed, split=args.calib_split,
-                data_dir=args.data_dir,
-            )
-        with timer.phase("gptq"):
-            gptq_summary = gptq_quantize_model(
-                model, calibration, quant_config_from_args(args), gptq_config_from_args(args), device=device,
-                progress=progress,
-            )
+    if recalled:  # rotated and weight-quantized already (same flags as an earlier run of this process)
+        gptq_summary = recalled[1]
+        logger.info("reusing the rotated, weight-quantized model of an earlier run with the same flags")
+    else:
+        # ExecuTorch's native R4 needs a power-of-two intermediate size: pad the MLP (exactly) before rotating.
+        padded = pad_mlp_for_executorch(model) if args.export_to_et else None
+        with timer.phase("rotate"):
+            if not args.load_qmodel_path:  # a loaded model is rotated already
+                rotate_(model, rotation_config)
+        if args.export_to_et:  # 8-bit embedding and lm_head, before GPTQ as the paper's code
+            quantize_embeddings_for_executorch(model, clip_search=args.w_clip)
+        # GPTQ (the paper's default for w_bits < 16) runs before the activation quantizers are installed.
+        if use_gptq:
+            with timer.phase("load_calibration"):
+                calibration_key = ("calib", args.input_model, args.nsamples, args.model_max_length, args.seed,
+                                   args.calib_split, args.data_dir)
+                calibration = _cached(cache.windows if cache else {}, calibration_key, lambda: get_calibration_windows(
+                    tokenizer, args.nsamples, args.model_max_length, args.seed, split=args.calib_split,
+                    data_dir=args.data_dir,
+                ), cache, "windows")
+            with timer.phase("gptq"):
+                gptq_summary = gptq_quantize_model(
+                    model, calibration, quant_config_from_args(args), gptq_config_from_args(args), device=device,
+                    progress=progress,
+                )
+        elif args.w_bits < 16 and not args.load_qmodel_path:
+            with timer.phase("quantize_weights"):
+                head_dim = kv_shape(model.config)[2]
+                quantize_weights_rtn(model, quant_config_from_args(args).for_head_dim(head_dim), progress=progress)
+        if cacheable:
+            cache.remember_weights(weights_key, model, gptq_summary)
     with timer.phase("quantize"):
-        loaded_or_gptq = use_gptq or bool(args.load_qmodel_path)
-        quant_config = quantize_(model, quant_config_from_args(args), weights=not loaded_or_gptq, progress=progress)
+        # Weights are done above (RTN or GPTQ) or loaded; this installs the activation, K and V quantizers.
+        quant_config = quantize_(model, quant_config_from_args(args), weights=False, progress=progress)
     with timer.phase("save"):
         saved = _save_outputs(args, model, tokenizer, padded)
     with timer.phase("eval_ppl"):
@@ -181,6 +270,7 @@ def run_ptq(args) -> dict:
         "ppl_eval": ppl,
         "weight_method": ("gptq" if use_gptq else "rtn") if args.w_bits < 16 else None,
         "gptq": gptq_summary,
+        "reused_weights": bool(recalled),
         "saved": saved,
         "loaded_from": args.load_qmodel_path,
         "zeroshot_avg": zeroshot["avg"] if zeroshot else None,

@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "smollm2-135m"
+VARIANTS = ("had", "no_had")  # SpinQuant with / without the online Hadamards R3, R4 (paper section 3)
 
 
 def str2bool(value: str | bool) -> bool:
@@ -91,11 +92,21 @@ def add_rotation_args(parser: argparse.ArgumentParser) -> None:
         help="seed of random R1/R2 (-1: use --seed; the paper's code ignores this flag)",
     )
     add_bool(group, "--fp32_had", False, "apply the online Hadamard (and its quantizer) in float32")
-    add_bool(
-        group,
+    group.add_argument(
+        "--variant",
+        default=None,
+        choices=VARIANTS,
+        help="(spinquant) SpinQuant variant with --rotate: 'had' = R1..R4 (R4 and, with K quantized, R3 applied "
+        "online), 'no_had' = R1/R2 only, merged into the weights (nothing changes at inference); default had",
+    )
+    group.add_argument(
         "--online_hadamard",
-        True,
-        "(spinquant) with --rotate, apply R4 (and, with K quantized, R3) online; False: R1/R2 only (the paper's no_had)",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="BOOL",
+        help="(spinquant) the same switch as --variant: True = had, False = no_had",
     )
     group.add_argument("--optimized_rotation_path", default=None, help="R.bin with learned or released R1/R2")
     add_bool(
@@ -229,6 +240,19 @@ def validate_common(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             parser.error(f"--{prefix}_clip_ratio must be in (0, 1], got {ratio}")
     if args.model_max_length < 2:
         parser.error(f"--model_max_length must be at least 2, got {args.model_max_length}")
+    resolve_variant(args, parser)
+
+
+def resolve_variant(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Reconcile --variant and --online_hadamard (both name the same switch); both end up set."""
+    online = getattr(args, "online_hadamard", None)
+    variant = getattr(args, "variant", None)
+    if variant is not None and online is not None and online != (variant == "had"):
+        parser.error(f"--variant {variant} contradicts --online_hadamard {online}: give one of them")
+    if variant is None:
+        variant = "no_had" if online is False else "had"
+    args.variant = variant
+    args.online_hadamard = variant == "had"
 
 
 def parse_ptq_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -6,7 +6,7 @@ import shlex
 
 import pytest
 
-from utils.args import parse_ptq_args
+from utils.args import parse_ptq_args, parse_train_args
 
 # scripts/2_eval_ptq.sh of the paper, with its placeholders filled in
 PAPER_PTQ = """
@@ -62,3 +62,26 @@ def test_bad_flags_are_named(line, message, capsys):
     with pytest.raises(SystemExit):
         parse_ptq_args(shlex.split(line))
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, variant, online",
+    [
+        ("", "had", True),
+        ("--variant had", "had", True),
+        ("--variant no_had", "no_had", False),
+        ("--online_hadamard False", "no_had", False),
+        ("--online_hadamard", "had", True),
+        ("--variant no_had --online_hadamard False", "no_had", False),
+    ],
+)
+def test_variant_flag_and_its_alias(extra, variant, online):
+    for parse in (parse_ptq_args, parse_train_args):
+        args = parse(shlex.split(f"--rotate {extra}"))
+        assert (args.variant, args.online_hadamard) == (variant, online)
+
+
+def test_contradicting_variant_flags_are_named(capsys):
+    with pytest.raises(SystemExit):
+        parse_ptq_args(["--variant", "had", "--online_hadamard", "False"])
+    assert "--variant had contradicts --online_hadamard False" in capsys.readouterr().err
