@@ -186,3 +186,29 @@ def test_learn_only_learns_and_evaluates_nothing(cpu_env, tiny_model_dir, tiny_d
     assert not (tmp_path / "cells").exists()
     # a failing learning run is reported with its log
     assert main(argv[:-3] + ["--learned_seeds", "3", "--learn_args", "--max_steps 0", "--learn_only"]) == 1
+
+
+def test_tasks_add_the_zero_shot_column(cpu_env, tiny_model_dir, tiny_data_dir, tmp_path):
+    """--tasks runs lm-eval in every cell and the table gains the 0-shot column; cells lacking it are redone."""
+    from tests.conftest import SHARED_DATA
+
+    shared = SHARED_DATA / "zeroshot"
+    if not (shared / "piqa" / "validation.jsonl").is_file():
+        pytest.skip(f"zero-shot data not found at {shared}")
+    tasks = tmp_path / "zeroshot"
+    for task, split in (("piqa", "validation"), ("winogrande", "validation")):
+        (tasks / task).mkdir(parents=True)
+        with open(shared / task / f"{split}.jsonl", encoding="utf-8") as handle:
+            (tasks / task / f"{split}.jsonl").write_text("".join(next(handle) for _ in range(4)), encoding="utf-8")
+    out = tmp_path / "exp"
+    base = [
+        "--grid", "paper", "--model", str(tiny_model_dir), "--out", str(out), "--bits", "W4A8KV8", "--methods",
+        "fp,quarot", "--weight_quantizers", "rtn", "--data_dir", str(tiny_data_dir), "--ptq_args", TINY_PTQ,
+    ]
+    assert main(base) == 0
+    assert "0-shot" not in (out / "table.md").read_text()
+    assert main(base + ["--tasks", "piqa,winogrande", "--tasks_data_dir", str(tasks), "--limit", "2"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert len(rows) == 2 and all(0 <= row["zeroshot_avg"] <= 1 for row in rows)
+    assert set(rows[0]["zeroshot"]["tasks"]) == {"piqa", "winogrande"}
+    assert "| 0-shot avg (%) |" in (out / "table.md").read_text()
