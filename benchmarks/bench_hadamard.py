@@ -3,6 +3,7 @@
     python benchmarks/bench_hadamard.py --out results/hadamard_bf16.json --dtypes bfloat16
     python benchmarks/bench_hadamard.py --out results/hadamard_sweep.json --sweep        # launch-config sweep
     python benchmarks/bench_hadamard.py --out results/hadamard_sm90.json --compile-only  # no GPU needed
+    python benchmarks/bench_hadamard.py --out results/hadamard_graph.json --cuda-graph   # + kernel-only timings
 
 For each dtype, row length n (powers of two 64..16384 and the model sizes 1536, 11008, 14336) and row count
 (2^10..2^16), it times with ``triton.testing.do_bench`` (median, L2 flushed before every call):
@@ -17,13 +18,27 @@ For each dtype, row length n (powers of two 64..16384 and the model sizes 1536, 
 * ``unfused_torch``: the PyTorch transform then ``fake_quantize``: what the model ran before this issue.
 
 Every method reads and writes the tensor once at best, so achieved GB/s = 2 * bytes / time and ``of_copy`` is that
-over the copy's GB/s at the same size. ``summary`` gives, per dtype and method, the worst ``of_copy`` over
+over the copy's GB/s at the same size.
+
+Two timing modes, every method timed the same way in each:
+
+* eager (always; keys ``ms``, ``gbps``, ``of_copy``): one Python call per timed call, so a call whose host work
+  (Python dispatch, Triton's launcher) outlasts do_bench's L2 flush shows that host time rather than its kernel's;
+* ``--cuda-graph`` (keys ``graph_ms``, ``graph_gbps``, ``graph_of_copy``; ``summary_graph``): ``--graph-calls``
+  back-to-back calls of the method captured in one CUDA graph, replayed ``--graph-reps`` times between CUDA events;
+  per-call time = median replay time / calls. No host work is left, so this is the GPU's time per call (kernel
+  bandwidth). The calls cycle over enough copies of the input (``graph_inputs``) that they span >= 128 MB, more
+  than the L2 cache, so each call reads its input from memory as in the eager mode (outputs are allocated per
+  call, as in the eager mode). ``summary`` gives, per dtype and method, the worst ``of_copy`` over
 n <= 8192 at the largest row count (the issue's target: >= 0.7 for triton).
 
 The Triton rows use the run-time autotuner (``SPINQUANT_TRITON_AUTOTUNE``, on by default): the first call per
 (n, dtype, variant, row-count bucket) times a few launch layouts and keeps the fastest; ``launch_configs`` in the
-JSON lists what it chose. ``--sweep`` times a wider set of layouts (rows per program, num_warps, radix) around the
-default for each n (bf16, 2^14 rows), to refine the defaults. ``--compile-only`` compiles every kernel
+JSON lists what it chose. 16-bit rows of 16..512 run the tensor-core path (``tl.dot`` against the +-1 Sylvester
+matrix, see utils/hadamard_triton.py), everything else the butterflies; ``--sizes 64,128,256,512`` times just the
+former. ``--sweep`` times a wider set of layouts (rows per program, num_warps, radix: the butterfly grouping, or on
+the tensor-core path log2 of the first dot, i.e. the two-level split) around the default for each n (bf16, 2^14
+rows), to refine the defaults. ``--compile-only`` compiles every kernel
 specialisation the autotuner may launch for a GPU architecture (default sm_90) on any machine, and reports
 registers, spills and shared memory per kernel.
 """
@@ -32,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import platform
 import re
@@ -82,6 +98,46 @@ def _time_ms(fn, warmup: int, rep: int) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+GRAPH_SPAN_BYTES = 128 * 2**20  # inputs cycled through in a graph: more than an H100/H200's L2 (50 / 60 MB)
+
+
+def _graph_inputs(nbytes: int) -> int:
+    """How many copies of the input the captured calls cycle through (>= GRAPH_SPAN_BYTES in all, at most 64)."""
+    return max(1, min(64, -(-GRAPH_SPAN_BYTES // nbytes)))
+
+
+def _time_graph_ms(fns: list, calls: int, reps: int) -> float:
+    """Per-call GPU time of ``calls`` back-to-back calls captured in one CUDA graph (fns[i % len(fns)] for call
+    i), replayed ``reps`` times between CUDA events: median replay time / calls."""
+    import statistics
+
+    for fn in fns:  # compile / autotune / allocate outside the capture (side stream, as torch.cuda.graph wants)
+        fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns[:3]:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return float(statistics.median(times))
+
+
 def run_benchmark(args) -> dict:
     from utils import hadamard_triton
 
@@ -98,48 +154,76 @@ def run_benchmark(args) -> dict:
                 dense_ok = dense_flop <= args.dense_max_flop * (0.25 if dtype == torch.float32 else 1.0)
                 fns = _methods(x, dense_ok)
                 row = {"dtype": dtype_name, "n": n, "rows": rows, "bytes": nbytes}
+                copies = []
+                if args.cuda_graph:
+                    row["graph_inputs"] = _graph_inputs(nbytes)
+                    row["graph_calls"] = args.graph_calls
+                    copies = [fns] + [_methods(x.clone(), dense_ok) for _ in range(row["graph_inputs"] - 1)]
                 for method in args.methods:
                     if method not in fns:
                         row[method] = {"skipped": f"dense x @ H needs {dense_flop:.2e} FLOP (--dense-max-flop)"}
                         continue
                     ms = _time_ms(fns[method], args.warmup_ms, args.rep_ms)
                     row[method] = {"ms": round(ms, 5), "gbps": round(2 * nbytes / ms / 1e6, 1)}
-                copy = row.get("copy", {}).get("gbps")
-                for method in args.methods:
-                    if copy and "gbps" in row[method]:
-                        row[method]["of_copy"] = round(row[method]["gbps"] / copy, 3)
+                    if args.cuda_graph:
+                        try:
+                            graph_ms = _time_graph_ms([c[method] for c in copies], args.graph_calls, args.graph_reps)
+                        except Exception as err:  # e.g. a method that synchronises cannot be captured
+                            torch.cuda.synchronize()
+                            row[method]["graph_error"] = f"{type(err).__name__}: {err}"[:200]
+                        else:
+                            row[method]["graph_ms"] = round(graph_ms, 5)
+                            row[method]["graph_gbps"] = round(2 * nbytes / graph_ms / 1e6, 1)
+                for prefix in ("", "graph_"):
+                    copy = row.get("copy", {}).get(prefix + "gbps")
+                    for method in args.methods:
+                        if copy and prefix + "gbps" in row[method]:
+                            row[method][prefix + "of_copy"] = round(row[method][prefix + "gbps"] / copy, 3)
                 results.append(row)
                 print(_format_row(row, args.methods), flush=True)
-                del x, fns
+                if args.cuda_graph:
+                    print(_format_row(row, args.methods, "graph_"), flush=True)
+                del x, fns, copies
             torch.cuda.empty_cache()
+    graph = {"summary_graph": _summary(results, args, "graph_")} if args.cuda_graph else {}
     return {
         "results": results,
+        "timing_modes": {
+            "eager": "ms/gbps/of_copy: triton.testing.do_bench median, one Python call per call, L2 flushed",
+            **({"graph": "graph_ms/graph_gbps/graph_of_copy: CUDA graph of graph_calls back-to-back calls over "
+                         "graph_inputs input copies (>= 128 MB), median replay / calls: GPU time only"}
+               if args.cuda_graph else {}),
+        },
         "summary": _summary(results, args),
+        **graph,
         "autotune": hadamard_triton.autotune_enabled(),
         "launch_configs": hadamard_triton.tuned_configs(),  # n/dtype/variant/round/rows-bucket -> rows, warps, radix
         "seconds": round(time.time() - started, 1),
     }
 
 
-def _format_row(row: dict, methods) -> str:
-    parts = [f"{row['dtype']:>8} n={row['n']:>5} rows={row['rows']:>6}"]
+def _format_row(row: dict, methods, prefix: str = "") -> str:
+    mode = "graph" if prefix else "eager"
+    parts = [f"{row['dtype']:>8} n={row['n']:>5} rows={row['rows']:>6} {mode}"]
     for method in methods:
         entry = row[method]
-        if "gbps" in entry:
-            share = f" ({entry['of_copy']:.2f})" if "of_copy" in entry and method != "copy" else ""
-            parts.append(f"{method} {entry['gbps']:7.0f}{share}")
+        if prefix + "gbps" in entry:
+            share = entry.get(prefix + "of_copy")
+            share = f" ({share:.2f})" if share is not None and method != "copy" else ""
+            parts.append(f"{method} {entry[prefix + 'gbps']:7.0f}{share}")
     return " | ".join(parts) + "  GB/s"
 
 
-def _summary(results: list[dict], args) -> dict:
-    """Worst fraction of copy bandwidth over n <= 8192 at the largest row count, per dtype and method."""
+def _summary(results: list[dict], args, prefix: str = "") -> dict:
+    """Worst fraction of copy bandwidth over n <= 8192 at the largest row count, per dtype and method (eager
+    timings, or with prefix "graph_" the CUDA-graph ones)."""
     summary = {}
     largest = max(args.rows)
     for dtype_name in args.dtypes:
         rows = [r for r in results if r["dtype"] == dtype_name and r["rows"] == largest and r["n"] <= TARGET_N]
         per_method = {}
         for method in args.methods:
-            shares = [(r[method]["of_copy"], r["n"]) for r in rows if "of_copy" in r[method]]
+            shares = [(r[method][prefix + "of_copy"], r["n"]) for r in rows if prefix + "of_copy" in r[method]]
             if shares and method != "copy":
                 worst, worst_n = min(shares)
                 per_method[method] = {"worst_of_copy": worst, "at_n": worst_n}
@@ -159,29 +243,59 @@ def run_sweep(args) -> dict:
     for n in args.sizes:
         x = torch.randn(rows_total, n, device="cuda", dtype=torch.bfloat16)
         copy_ms = _time_ms(lambda: torch.empty_like(x).copy_(x), args.warmup_ms, args.rep_ms)
-        base = hadamard_triton.launch_config(n, rows_total, 2)
+        base = hadamard_triton.launch_config(n, rows_total, torch.bfloat16)
         power_of_two = n & (n - 1) == 0
-        row_options = sorted({base.rows, base.rows * 2}) if power_of_two and n < 2048 else [base.rows]
-        warp_options = sorted({max(1, base.num_warps // 2), base.num_warps, min(32, base.num_warps * 2)})
+        spaces = []
+        if hadamard_triton._dot_capable(n, torch.bfloat16):
+            # tensor-core path: rows per program, warps and the dot size / split (radix = log2 of the first dot)
+            dot_base = hadamard_triton.launch_config(n, rows_total, torch.bfloat16, dot=True)
+            rows_dot = sorted({max(16, dot_base.rows // 2), dot_base.rows, dot_base.rows * 2, dot_base.rows * 4})
+            spaces.append((True, rows_dot, [4, 8], hadamard_triton._dot_options(n)))
+        bfly = hadamard_triton.launch_config(n, rows_total, torch.bfloat16, dot=False)
+        rows_bfly = sorted({bfly.rows, bfly.rows * 2}) if power_of_two and n < 2048 else [bfly.rows]
+        warps_bfly = sorted({max(1, bfly.num_warps // 2), bfly.num_warps, min(32, bfly.num_warps * 2)})
+        spaces.append((False, rows_bfly, warps_bfly, (1, 3, 5)))
+        graph_xs = [x] + [x.clone() for _ in range(_graph_inputs(x.numel() * 2) - 1)] if args.cuda_graph else []
+        graph_copy_ms = None
+        if args.cuda_graph:
+            graph_copy_ms = _time_graph_ms(
+                [functools.partial(lambda v: torch.empty_like(v).copy_(v), v) for v in graph_xs],
+                args.graph_calls, args.graph_reps,
+            )
         timings = []
-        for per_program in row_options:
-            for warps in warp_options:
-                for radix in (1, 3, 5):
-                    config = hadamard_triton.LaunchConfig(per_program, warps, radix)
-                    run = functools.partial(hadamard_triton.launch, x, config=config)
-                    try:
-                        ms = _time_ms(run, args.warmup_ms, args.rep_ms)
-                    except Exception as err:  # e.g. out of shared memory or registers for an extreme config
-                        timings.append({"config": list(config), "error": f"{type(err).__name__}: {err}"[:200]})
-                        continue
-                    timings.append({"config": list(config), "ms": round(ms, 5), "of_copy": round(copy_ms / ms, 3)})
+        for dot, row_options, warp_options, radix_options in spaces:
+            for per_program, warps, radix in itertools.product(row_options, warp_options, radix_options):
+                config = hadamard_triton.LaunchConfig(per_program, warps, radix, dot)
+                run = functools.partial(hadamard_triton.launch, x, config=config)
+                try:
+                    ms = _time_ms(run, args.warmup_ms, args.rep_ms)
+                    timing = {"config": list(config), "ms": round(ms, 5), "of_copy": round(copy_ms / ms, 3)}
+                    if args.cuda_graph:
+                        runs = [functools.partial(hadamard_triton.launch, v, config=config) for v in graph_xs]
+                        graph_ms = _time_graph_ms(runs, args.graph_calls, args.graph_reps)
+                        timing.update(graph_ms=round(graph_ms, 5), graph_of_copy=round(graph_copy_ms / graph_ms, 3))
+                except Exception as err:  # e.g. out of shared memory or registers for an extreme config
+                    timings.append({"config": list(config), "error": f"{type(err).__name__}: {err}"[:200]})
+                    continue
+                timings.append(timing)
         best = min((t for t in timings if "ms" in t), key=lambda t: t["ms"])
         entry = {"n": n, "rows": rows_total, "default": list(base), "best": best, "all": timings}
+        line = f"n={n:>5}: default {entry['default']}, best eager {best['config']} at {best['of_copy']:.2f} of copy"
+        if args.cuda_graph:
+            entry["best_graph"] = min((t for t in timings if "graph_ms" in t), key=lambda t: t["graph_ms"])
+            line += f"; best graph {entry['best_graph']['config']} at {entry['best_graph']['graph_of_copy']:.2f}"
         results.append(entry)
-        print(f"n={n:>5}: default {entry['default']}, best {best['config']} at {best['of_copy']:.2f} of copy",
-              flush=True)
+        print(line, flush=True)
         del x
     return {"sweep": results}
+
+
+def _path_name(meta: dict) -> str:
+    if not meta["DOT"]:
+        return "butterfly" if meta["M"] == 1 else "factor-dot+butterfly"
+    if meta["CHUNKS"] > 1:
+        return f"dot-chunked-{meta['CHUNKS']}x{meta['DOT']}"
+    return f"dot-{meta['DOT']}" if meta["DOT"] == meta["P"] else f"dot-two-level-{meta['P'] // meta['DOT']}x{meta['DOT']}"
 
 
 def compile_only(args) -> dict:
@@ -194,16 +308,17 @@ def compile_only(args) -> dict:
     from utils import hadamard_triton
 
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    pointer_types = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+    pointer_types = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int8: "*i8"}
     kernel = hadamard_triton._hadamard_kernel
     results = []
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         for n in args.sizes:
             x = torch.empty(max(args.rows), n, dtype=dtype, device="meta")
-            configs = hadamard_triton.candidate_configs(n, max(args.rows), x.element_size())
+            configs = hadamard_triton.candidate_configs(n, max(args.rows), dtype)
             for variant, spec, config in [(v, q, c) for v, q in (("transform", None), ("fused", A4)) for c in configs]:
                 grid, values, meta = hadamard_triton.kernel_arguments(x, torch.empty_like(x), spec=spec, config=config)
+                meta["RECIPROCAL"] = meta["QUANTIZE"]  # what a CUDA tensor gets (x is on the meta device here)
                 signature, constants, attrs = {}, {}, {}
                 for index, (name, value) in enumerate(zip(kernel.arg_names, values)):
                     if isinstance(value, torch.Tensor):
@@ -235,7 +350,8 @@ def compile_only(args) -> dict:
                 registers = int(re.search(r"REG:(\d+)", usage).group(1))
                 spilled = int(re.search(r"LOCAL:(\d+)", usage).group(1))
                 entry = {
-                    "dtype": dtype_name, "n": n, "variant": variant, "rows_per_program": meta["ROWS"],
+                    "dtype": dtype_name, "n": n, "variant": variant, "path": _path_name(meta),
+                    "rows_per_program": meta["ROWS"],
                     "num_warps": num_warps, "radix": meta["RADIX"], "registers": registers, "local_bytes": spilled,
                     "shared_bytes": compiled.metadata.shared, "compile_s": round(seconds, 2),
                 }
@@ -307,6 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="sweep launch configs instead (bf16)")
     parser.add_argument("--sweep-rows", type=int, default=2**14, help="row count of the sweep")
     parser.add_argument("--compile-only", action="store_true", help="compile for --arch and report resources")
+    parser.add_argument(
+        "--cuda-graph", action="store_true",
+        help="also time every method inside a CUDA graph (GPU time per call, no host overhead): graph_* keys",
+    )
+    parser.add_argument("--graph-calls", type=int, default=20, help="calls captured per CUDA graph")
+    parser.add_argument("--graph-reps", type=int, default=10, help="timed replays of each CUDA graph")
     parser.add_argument("--arch", type=int, default=90, help="compute capability for --compile-only (90 = H100)")
     parser.add_argument(
         "--e2e-summary", type=Path, default=None, metavar="DIR", help="summarise run_issue5_h100.sh's e2e runs in DIR"
