@@ -1,6 +1,8 @@
-"""Rotation-learning benchmarks that need code rather than the command line (issue 3).
+"""Rotation-learning benchmarks that need code rather than the command line (issues 3 and 7).
 
     python benchmarks/bench_rotation_learning.py random-model --out OUT.json [--steps 3] [--per_device_batch 8]
+        [--fsdp]
+    torchrun --nproc_per_node 2 benchmarks/bench_rotation_learning.py random-model --out OUT.json [--fsdp]
     python benchmarks/bench_rotation_learning.py merge --out OUT.json IN.json ...
 
 ``random-model``: a LLaMA-2-7B-shaped model (hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab 32000)
@@ -10,6 +12,11 @@ K/V groups of 128) on random tokens, global batch 8 x 2048, with exactly the tra
 and its split, peak GPU memory, and whether 100 steps fit one GPU (memory: peak reserved below the card's memory;
 time: projected from the measured steps). On an out-of-memory error the per-device batch is halved (gradient
 accumulation keeps the global batch at 8) and the attempt is recorded.
+
+With ``--fsdp`` the frozen model is sharded with FSDP2 exactly as ``--fsdp "full_shard auto_wrap"`` does in
+``spinquant.optimize_rotation`` (each decoder layer its own unit, rotated weights computed on every forward); under
+``torchrun`` the processes split the global batch (data parallel, or FSDP with ``--fsdp``) and rank 0 writes the
+JSON, with the peak memory of every rank.
 
 ``merge``: several result JSON files into one list (keeps the number of files a GPU run returns small), dropping
 the per-window NLL lists of perplexity results.
@@ -33,7 +40,7 @@ import torch  # noqa: E402
 from spinquant.config import QuantConfig  # noqa: E402
 from spinquant.rotation import make_random_rotations  # noqa: E402
 from train_utils.rotation_model import build_rotation_network  # noqa: E402
-from train_utils.trainer import RotationTrainer, TrainConfig  # noqa: E402
+from train_utils.trainer import RotationTrainer, TrainConfig, apply_fsdp, init_distributed  # noqa: E402
 from utils.io import describe_device, setup_logging, write_json  # noqa: E402
 
 LLAMA2_7B = dict(
@@ -81,13 +88,29 @@ def _random_llama(device: torch.device, shape: dict):
     return model.eval()
 
 
+def _gather_peaks(context, value: float | None) -> list[float | None]:
+    """Every rank's figure (rank order) -- peak memory differs per rank under FSDP."""
+    if not context.distributed:
+        return [value]
+    import torch.distributed as dist
+
+    values: list = [None] * context.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def random_model(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    context = init_distributed(args.device)
+    device = context.device
+    mode = "FSDP full_shard auto_wrap" if args.fsdp else ("data parallel" if context.distributed else "one process")
     result: dict = {
-        "what": f"LLaMA-2-7B-shaped random bf16 model, W4A4KV4 rotation learning, global batch 8 x {args.seqlen}",
+        "what": f"LLaMA-2-7B-shaped random bf16 model, W4A4KV4 rotation learning, global batch 8 x {args.seqlen}, "
+        f"{context.world_size} process(es), {mode}",
         "config": _shape(args),
         "quant": W4A4KV4,
         "device": describe_device(device),
+        "world_size": context.world_size,
+        "fsdp": bool(args.fsdp),
         "attempts": [],
     }
     start = time.perf_counter()
@@ -96,14 +119,18 @@ def random_model(args: argparse.Namespace) -> int:
     result["build_model_s"] = time.perf_counter() - start
     start = time.perf_counter()
     rotations = make_random_rotations(model, "hadamard", 0)
-    network = build_rotation_network(model, W4A4KV4, rotations, cache_weights=not args.no_cache)
+    network = build_rotation_network(model, W4A4KV4, rotations, cache_weights=not (args.no_cache or args.fsdp))
+    if args.fsdp:
+        result["fsdp_wrapped"] = apply_fsdp(network, {"full_shard", "auto_wrap"}, None, context)
+        network.rotations.to(device)
+        network.set_timer_device(device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     result["build_network_s"] = time.perf_counter() - start
     if device.type == "cuda":
         result["memory_after_setup_gib"] = torch.cuda.memory_allocated(device) / 2**30
     blocks = torch.randint(0, LLAMA2_7B["vocab_size"], ((args.steps + 1) * 8, args.seqlen), generator=torch.Generator().manual_seed(0))
-    per_device = args.per_device_batch
+    per_device = args.per_device_batch or max(1, 8 // context.world_size)
     with tempfile.TemporaryDirectory() as out:
         while per_device >= 1:
             if device.type == "cuda":
@@ -115,7 +142,7 @@ def random_model(args: argparse.Namespace) -> int:
             )
             attempt: dict = {"per_device_batch": per_device}
             try:
-                summary = RotationTrainer(network, blocks, config).train()
+                summary = RotationTrainer(network, blocks, config, context).train()
             except torch.cuda.OutOfMemoryError as err:
                 attempt["error"] = f"out of memory: {str(err).splitlines()[0]}"
                 result["attempts"].append(attempt)
@@ -123,6 +150,8 @@ def random_model(args: argparse.Namespace) -> int:
                 network.zero_grad(set_to_none=True)
                 gc.collect()
                 per_device //= 2
+                if context.distributed and 8 % (per_device * context.world_size):
+                    break
                 continue
             summary.pop("config", None)
             attempt["summary"] = summary
@@ -140,6 +169,12 @@ def random_model(args: argparse.Namespace) -> int:
             result["peak_memory_reserved_gib"] = summary["peak_memory_reserved_gib"]
             result["gpu_memory_gib"] = total
             result["fits_one_gpu_memory"] = summary["peak_memory_reserved_gib"] < total
+            result["peak_memory_reserved_gib_per_rank"] = _gather_peaks(context, summary["peak_memory_reserved_gib"])
+            result["peak_memory_allocated_gib_per_rank"] = _gather_peaks(
+                context, summary["peak_memory_allocated_gib"]
+            )
+    if not context.is_main:
+        return 0 if done else 1
     write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("attempts", "config", "quant")}, indent=1, default=str))
     return 0 if done else 1
@@ -167,13 +202,16 @@ def main() -> int:
     model = sub.add_parser("random-model", help="LLaMA-2-7B-shaped random model, a few steps")
     model.add_argument("--out", required=True)
     model.add_argument("--steps", type=int, default=3, help="measured steps (one warm-up step is added)")
-    model.add_argument("--per_device_batch", type=int, default=8, help="first try; halved on out-of-memory")
+    model.add_argument(
+        "--per_device_batch", type=int, default=0, help="first try (default 8 / processes); halved on out-of-memory"
+    )
     model.add_argument("--layers", type=int, default=32, help="decoder layers (32 for 7B; fewer for a dry run)")
     model.add_argument("--seqlen", type=int, default=2048)
     model.add_argument("--hidden", type=int, default=0, help="override hidden size (dry runs; heads = hidden / 128)")
     model.add_argument("--intermediate", type=int, default=0, help="override intermediate size (dry runs)")
     model.add_argument("--device", default=None)
     model.add_argument("--no_cache", action="store_true", help="rotate/quantize weights on every forward")
+    model.add_argument("--fsdp", action="store_true", help='shard the model as --fsdp "full_shard auto_wrap"')
     joined = sub.add_parser("merge", help="merge result JSON files into one")
     joined.add_argument("--out", required=True)
     joined.add_argument("inputs", nargs="+")

@@ -237,14 +237,28 @@ def _convert_gguf_once(source: ModelSource, token: str | None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        _write_hf_folder(model, tokenizer, staging)
         os.replace(staging, target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
         if not (target / "config.json").is_file():  # lost a race to another process: theirs is as good
             raise
     return target
+
+
+def _write_hf_folder(model, tokenizer, folder: Path) -> None:
+    """config + generation config + model.safetensors + tokenizer, written on every rank.
+
+    Not ``model.save_pretrained``: under an initialised torch.distributed group it writes nothing on ranks other
+    than 0, and every process of a torchrun job converts on its own (the first finished folder wins).
+    """
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})  # tied tensors stored once
+    tokenizer.save_pretrained(folder)
 
 
 def pick_device(requested: str | None = None) -> torch.device:

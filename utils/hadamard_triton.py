@@ -27,7 +27,9 @@ Design (memory bound: each element is read once and written once):
 * the ``m x m`` factor first (``m > 1``): ``tl.dot`` of the +-1 factor (int8 in memory, zero-padded to a power of
   two ``M_PAD``, padding masked off at load) with the raw input tile, in chunks of 16 blocks loaded straight from
   memory, in the input's dtype with float32 accumulation (tensor cores for 16-bit input, FMA for float32), so
-  every product is exact; padded blocks are masked to zero and never stored;
+  every product is exact; padded blocks are masked to zero and never stored. For small factors (m = 12, 20, 28)
+  the order can flip (``LaunchConfig.dot``, the default for m = 12): the butterflies first on the tile as loaded,
+  then the factor as a dot on the float32 result split exactly into three bfloat16 parts (_split3_left_dot);
 * the Sylvester part elsewhere: log2(p) radix-2 butterfly stages on the register tile, each written as
   reshape -> permute -> split -> add/sub -> join, in the same stage order as the PyTorch backend (bit-identical
   results for powers of two). Triton maps the size-2 axis of stages whose partners sit in one thread to plain
@@ -214,21 +216,41 @@ def _sylvester_block(table_ptr, K: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _split3(t):
+    """A float32 t as three bfloat16 parts, hi + mid + lo == t exactly (3 x 8 significant bits cover float32's 24):
+    multiplied by +-1 on the tensor cores, every product is exact, without TF32's loss."""
+    hi = t.to(tl.bfloat16)
+    rest = t - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    return hi, mid, lo
+
+
+@triton.jit
 def _split3_dot(t, s, INTERPRETER: tl.constexpr):
-    """t @ s for a float32 t and a +-1 s on the tensor cores without TF32's loss: t is split into three bfloat16
-    parts (hi + mid + lo == t exactly: 3 x 8 significant bits cover float32's 24), so every product is exact and
-    only the float32 accumulation rounds (smallest parts first). The interpreter multiplies in float32 directly."""
+    """t @ s for a float32 t and a +-1 s, t split by _split3: only the float32 accumulation rounds (smallest parts
+    first). The interpreter multiplies in float32 directly."""
     if INTERPRETER:
         return tl.dot(t, s.to(tl.float32), input_precision="ieee")
     else:
         s = s.to(tl.bfloat16)
-        hi = t.to(tl.bfloat16)
-        rest = t - hi.to(tl.float32)
-        mid = rest.to(tl.bfloat16)
-        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        hi, mid, lo = _split3(t)
         acc = tl.dot(lo, s, out_dtype=tl.float32)
         acc = tl.dot(mid, s, acc, out_dtype=tl.float32)
         return tl.dot(hi, s, acc, out_dtype=tl.float32)
+
+
+@triton.jit
+def _split3_left_dot(s, t, INTERPRETER: tl.constexpr):
+    """s @ t for a +-1 (or 0) s and a float32 t: _split3_dot with t as the right operand."""
+    if INTERPRETER:
+        return tl.dot(s.to(tl.float32), t, input_precision="ieee")
+    else:
+        s = s.to(tl.bfloat16)
+        hi, mid, lo = _split3(t)
+        acc = tl.dot(s, lo, out_dtype=tl.float32)
+        acc = tl.dot(s, mid, acc, out_dtype=tl.float32)
+        return tl.dot(s, hi, acc, out_dtype=tl.float32)
 
 
 @triton.jit
@@ -296,6 +318,28 @@ def _store_chunk(ptrs, y, lo, hi, clip_ratio, mask, R: tl.constexpr, DOT: tl.con
     tl.store(ptrs, _cast(y, ptrs.dtype.element_ty, INTERPRETER), mask=mask)
 
 
+@triton.jit
+def _factor_first(x_ptr, factor_ptr, row_offset, stride_n, blocks, cols, M: tl.constexpr, M_PAD: tl.constexpr,
+                  K_CHUNK: tl.constexpr, P: tl.constexpr, IN_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):
+    """F^T X of one row viewed as [M_PAD, P] (padding rows 0): the factor applied in chunks of K_CHUNK input blocks,
+    loaded straight from memory, which keeps the dot operands small for large m (172 x 64 for n = 11008). Its
+    chunks are re-read (from L2) for every row, so they are stored as int8 and their padding is masked off: about
+    172 x 172 bytes per row for n = 11008 instead of 256 x 176 x 2."""
+    y = tl.zeros([M_PAD, P], dtype=tl.float32)
+    for k0 in range(0, M, K_CHUNK):
+        k = k0 + tl.arange(0, K_CHUNK)
+        offsets = row_offset + (k[:, None] * P + cols[None, :]) * stride_n
+        x = tl.load(x_ptr + offsets, mask=(k < M)[:, None], other=0.0)
+        factor_mask = (blocks < M)[:, None] & (k < M)[None, :]
+        factor = tl.load(factor_ptr + blocks[:, None] * M_PAD + k[None, :], mask=factor_mask, other=0)
+        if INTERPRETER or IN_DTYPE == tl.float32:
+            # The interpreter's dot multiplies bfloat16 bit patterns as integers; float32 is exact here too.
+            y += tl.dot(factor.to(tl.float32), x.to(tl.float32), input_precision="ieee")
+        else:
+            y += tl.dot(factor.to(IN_DTYPE), x, out_dtype=tl.float32)  # +-1 times 16-bit values: exact
+    return y
+
+
 @triton.jit(do_not_specialize=["n_rows"])
 def _hadamard_kernel(
     x_ptr,
@@ -320,6 +364,7 @@ def _hadamard_kernel(
     RADIX: tl.constexpr,
     DOT: tl.constexpr,
     CHUNKS: tl.constexpr,
+    FACTOR_LAST: tl.constexpr,
     QUANTIZE: tl.constexpr,
     MAXQ: tl.constexpr,
     ASYM: tl.constexpr,
@@ -334,7 +379,9 @@ def _hadamard_kernel(
     m == 1: ROWS rows per program; S_P by tl.dot against the Sylvester table at table_ptr when DOT > 0
     (_sylvester_dot, or with CHUNKS > 1 the chunked form S_P = S_CHUNKS (x) S_DOT: each row's CHUNKS blocks of
     DOT columns loaded, multiplied by S_DOT and stored separately, the S_CHUNKS part as float32 additions between
-    them), else by butterflies. m > 1: one row per program, the factor by tl.dot, S_P by butterflies.
+    them), else by butterflies. m > 1: one row per program, the factor by tl.dot, S_P by butterflies; the factor
+    first on the raw input, or with FACTOR_LAST (M_PAD <= 32) S_P first on the loaded tile and the factor last on
+    the float32 result split in three bfloat16 parts.
 
     Row r of the input sits at i0 * stride0 + i1 * stride1 + i2 * stride2 with (i0, i1, i2) the digits of r in the
     sizes (-, size1, size2): up to three leading dimensions of any strides, so transposed views need no copy.
@@ -410,11 +457,7 @@ def _hadamard_kernel(
                 y = _sylvester_last_axis(x.to(tl.float32), ROWS, P, LOG_P, RADIX)
             out_offset = rows[:, None] * N + cols[None, :]
         else:
-            # One row per program, viewed as [M_PAD, P]; rows >= M of the view are padding (0, never stored). The factor
-            # is applied in chunks of K_CHUNK input blocks, loaded straight from memory, which keeps the dot operands
-            # small for large m (172 x 64 for n = 11008). Its chunks are re-read (from L2) for every row, so they are
-            # stored as int8 and their padding is masked off: about 172 x 172 bytes per row for n = 11008 instead
-            # of 256 x 176 x 2.
+            # One row per program, viewed as [M_PAD, P]; rows >= M of the view are padding (0, never stored).
             row = pid.to(tl.int64)
             i2 = row % size2
             i1 = (row // size2) % size1
@@ -422,19 +465,19 @@ def _hadamard_kernel(
             row_offset = i0 * stride0 + i1 * stride1 + i2 * stride2
             blocks = tl.arange(0, M_PAD)
             mask = (blocks < M)[:, None]
-            y = tl.zeros([M_PAD, P], dtype=tl.float32)
-            for k0 in range(0, M, K_CHUNK):
-                k = k0 + tl.arange(0, K_CHUNK)
-                offsets = row_offset + (k[:, None] * P + cols[None, :]) * stride_n
-                x = tl.load(x_ptr + offsets, mask=(k < M)[:, None], other=0.0)
-                factor_mask = (blocks < M)[:, None] & (k < M)[None, :]
-                factor = tl.load(factor_ptr + blocks[:, None] * M_PAD + k[None, :], mask=factor_mask, other=0)
-                if INTERPRETER or IN_DTYPE == tl.float32:
-                    # The interpreter's dot multiplies bfloat16 bit patterns as integers; float32 is exact here too.
-                    y += tl.dot(factor.to(tl.float32), x.to(tl.float32), input_precision="ieee")
-                else:
-                    y += tl.dot(factor.to(IN_DTYPE), x, out_dtype=tl.float32)  # +-1 times 16-bit values: exact
-            y = _sylvester_last_axis(y, M_PAD, P, LOG_P, RADIX)
+            if FACTOR_LAST:
+                # Small factors: the butterflies run on the tile as loaded (the m == 1 layout) and the factor, a
+                # few hundred bytes, is one split dot at the end -- one layout change instead of one per butterfly
+                # group.
+                offsets = row_offset + (blocks[:, None] * P + cols[None, :]) * stride_n
+                x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+                t = _sylvester_last_axis(x.to(tl.float32), M_PAD, P, LOG_P, RADIX)
+                factor = tl.load(factor_ptr + blocks[:, None] * M_PAD + blocks[None, :])  # zero-padded
+                y = _split3_left_dot(factor, t, INTERPRETER)
+            else:
+                y = _factor_first(x_ptr, factor_ptr, row_offset, stride_n, blocks, cols, M, M_PAD, K_CHUNK, P,
+                                  IN_DTYPE, INTERPRETER)
+                y = _sylvester_last_axis(y, M_PAD, P, LOG_P, RADIX)
             out_offset = row * N + blocks[:, None] * P + cols[None, :]
         y = y * scale
 
@@ -571,6 +614,20 @@ def _dot_capable(n: int, dtype: torch.dtype) -> bool:
     return plan.m == 1 and _MIN_DOT <= plan.p <= DOT_MAX
 
 
+def _factor_last_capable(n: int) -> bool:
+    """Whether rows of length n = m * p (m > 1) can take the factor-last form (LaunchConfig.dot on those sizes):
+    a factor padded to at most 32 (the split dot's operands stay small) and p >= 16 (tl.dot)."""
+    plan = _plan(n)
+    return plan.m > 1 and _next_power_of_two(plan.m) <= 32 and plan.p >= _MIN_DOT
+
+
+def _factor_last_default(n: int) -> bool:
+    """The default order for n = m * p: the factor last for factors padded to 16 (m = 12): on an H200 (65536 bf16
+    rows, L2 flushed) n = 1536 = 12 x 128 went from 0.42 to 0.66 of the copy's bandwidth; the factor first
+    otherwise (n = 14336 = 28 x 512 measured faster that way). The autotuner times both wherever both can run."""
+    return _factor_last_capable(n) and _next_power_of_two(_plan(n).m) <= _MIN_DOT
+
+
 def _uses_dot(n: int, dtype: torch.dtype) -> bool:
     """Whether the default launch (launch_config) of rows of length n in this dtype is the tensor-core path."""
     return _dot_capable(n, dtype) and n not in _BUTTERFLY_DEFAULT
@@ -598,7 +655,8 @@ def _dot_options(p: int, group: int = 0) -> list[int]:
 class LaunchConfig(NamedTuple):
     """How a launch is laid out. On the butterfly paths every choice computes the same values (the stage order
     never changes); on the tensor-core path (16-bit rows of 16..DOT_MAX) ``radix`` picks the dot size / split,
-    which only changes the float32 summation order. ``dot`` picks the path (None: the default for the size)."""
+    which only changes the float32 summation order. ``dot`` picks the path (None: the default for the size); for
+    n = m * p with m > 1 it picks the order instead: the factor last (True, where _factor_last_capable) or first."""
 
     rows: int  # rows per program (1 when m > 1)
     num_warps: int
@@ -621,6 +679,7 @@ def launch_config(n: int, n_rows: int, dtype: torch.dtype, dot: bool | None = No
     """
     plan = _plan(n)
     per_thread = 16 if dtype.itemsize <= 2 else 8
+    requested = dot
     if dot is None:
         dot = _uses_dot(n, dtype)
     if dot and _dot_capable(n, dtype):
@@ -630,9 +689,11 @@ def launch_config(n: int, n_rows: int, dtype: torch.dtype, dot: bool | None = No
         rows = max(_MIN_DOT, min(wanted, 1 << (enough_programs.bit_length() - 1)))
         num_warps = 8 if rows * plan.p >= 8192 else 4
         return LaunchConfig(rows, num_warps, _dot_options(plan.p)[0], True)
+    factor_last = False
     if plan.m > 1:
         rows = 1
         elements = max(_MIN_DOT, _next_power_of_two(plan.m)) * plan.p
+        factor_last = _factor_last_capable(n) and (_factor_last_default(n) if requested is None else requested)
     else:
         wanted = max(1, 2048 // plan.p)
         enough_programs = max(1, n_rows // 512)
@@ -640,7 +701,7 @@ def launch_config(n: int, n_rows: int, dtype: torch.dtype, dot: bool | None = No
         elements = rows * plan.p
     num_warps = min(16, max(1, elements // (32 * per_thread)))
     num_warps = 1 << (num_warps.bit_length() - 1)
-    return LaunchConfig(rows, num_warps, 5, False)
+    return LaunchConfig(rows, num_warps, 5, factor_last)
 
 
 def candidate_configs(n: int, n_rows: int, dtype: torch.dtype, group: int = 0) -> list[LaunchConfig]:
@@ -653,13 +714,18 @@ def candidate_configs(n: int, n_rows: int, dtype: torch.dtype, group: int = 0) -
     plan = _plan(n)
     base = launch_config(n, n_rows, dtype)
     butterflies = []
-    bfly = launch_config(n, n_rows, dtype, dot=False)
+    bfly = launch_config(n, n_rows, dtype, dot=False)._replace(dot=False)
     tile = bfly.rows * (max(_MIN_DOT, _next_power_of_two(plan.m)) if plan.m > 1 else 1) * plan.p
     for num_warps in (bfly.num_warps, bfly.num_warps // 2):
         for radix in (bfly.radix, 1):
             config = LaunchConfig(bfly.rows, num_warps, radix, False)
             if num_warps >= 1 and tile // (32 * num_warps) <= 64 and config not in butterflies:
                 butterflies.append(config)
+    if _factor_last_capable(n):
+        # The same layouts with the factor last, the size's default order first. (2 or 4 rows per program with the
+        # factor last were tried on an H200: the autotuner never picked them for n = 1536.)
+        both = butterflies + [config._replace(dot=True) for config in butterflies]
+        return sorted(both, key=lambda config: config.dot != base.dot)
     if not _dot_capable(n, dtype):
         return butterflies
     dots = []
@@ -677,7 +743,7 @@ def candidate_configs(n: int, n_rows: int, dtype: torch.dtype, group: int = 0) -
 
 
 AUTOTUNE_ENV_VAR = "SPINQUANT_TRITON_AUTOTUNE"
-_TUNING_VERSION = 3  # bump when the kernel or the candidates change, so stale tuned layouts are ignored
+_TUNING_VERSION = 4  # bump when the kernel or the candidates change, so stale tuned layouts are ignored
 _TUNED: dict[str, LaunchConfig] = {}
 _DISK_LOADED: set[str] = set()
 
@@ -748,7 +814,9 @@ def _choose_config(
     variant = f"q{spec.bits}{'a' if spec.asym else 's'}{spec.groupsize}" if quantize else "t"
     if quantize and not kernel_options.get("round_to_input", True):
         variant += "f32"
-    bucket = 0 if n_rows < 4096 else 1 if n_rows < 32768 else 2
+    # Row counts within a factor of 4 share a tuned layout. (Three buckets split at 4096 and 32768 rows were too
+    # coarse: on an H200, n = 64's layout tuned at 4096 rows ran at 0.29 of the copy's bandwidth at 16384.)
+    bucket = n_rows.bit_length() // 2
     device_key = _device_key(x.get_device())
     key = f"{device_key}|{n}|{str(x.dtype).removeprefix('torch.')}|{variant}|rows{bucket}"
     _load_tuned(device_key)
@@ -806,7 +874,12 @@ class _Prepared:
         group = spec.groupsize if quantize and 0 < spec.groupsize < n else 0
         m_pad = max(_MIN_DOT, _next_power_of_two(plan.m)) if plan.m > 1 else 1
         rows = 1 if plan.m > 1 else config.rows
-        use_dot = _uses_dot(n, x.dtype) if config.dot is None else bool(config.dot)
+        factor_last = False
+        if plan.m > 1:
+            factor_last = launch_config(n, 1, x.dtype).dot if config.dot is None else bool(config.dot)
+            if factor_last and not _factor_last_capable(n):
+                raise ValueError(f"factor-last launch config {tuple(config)} for n={n}: needs m <= 32 and p >= 16")
+        use_dot = plan.m == 1 and (_uses_dot(n, x.dtype) if config.dot is None else bool(config.dot))
         dot = chunks = 0
         if use_dot:
             options = _dot_options(p, group) if _dot_capable(n, x.dtype) else []
@@ -832,6 +905,7 @@ class _Prepared:
             RADIX=max(1, config.radix),
             DOT=dot,
             CHUNKS=chunks,
+            FACTOR_LAST=factor_last,
             QUANTIZE=quantize,
             MAXQ=spec.maxq if quantize else 0,
             ASYM=bool(spec.asym) if quantize else False,

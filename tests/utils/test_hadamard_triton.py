@@ -417,19 +417,22 @@ def test_interpreter_launch_config_is_sane(interpreted):
                 per_program, warps, radix, dot = interpreted.launch_config(n, rows, dtype)
                 assert per_program >= 1 and _is_power_of_two(per_program)
                 assert warps in (1, 2, 4, 8, 16) and radix >= 1
-                assert dot == interpreted._uses_dot(n, dtype)
+                assert dot == (interpreted._uses_dot(n, dtype) or interpreted._factor_last_default(n))
                 candidates = interpreted.candidate_configs(n, rows, dtype)
                 assert candidates[0] == (per_program, warps, radix, dot) and len(set(candidates)) == len(candidates)
                 assert len(candidates) >= 2
                 # Sizes the tensor-core path can run offer both paths to the autotuner, the default one first.
-                capable = interpreted._dot_capable(n, dtype)
+                # Likewise both orders (factor first / last) for m * p sizes with a small factor.
+                capable = interpreted._dot_capable(n, dtype) or interpreted._factor_last_capable(n)
                 assert {config.dot for config in candidates} == ({True, False} if capable else {False})
                 for config in candidates:
-                    if config.dot:  # tensor-core path: tl.dot needs >= 16 rows, a valid dot size / split
+                    if config.dot and interpreted._plan(n).m > 1:
+                        assert config.rows == 1 and interpreted._plan(n).m <= 32
+                    elif config.dot:  # tensor-core path: tl.dot needs >= 16 rows, a valid dot size / split
                         assert dtype == torch.bfloat16 and 16 <= n <= interpreted.DOT_MAX
                         assert config.rows >= 16 and config.num_warps in (4, 8)
                         assert config.radix in interpreted._dot_options(n)
-                if dot:
+                if dot and interpreted._plan(n).m == 1:
                     if rows >= 2**16:  # many rows: big tiles, yet >= ~4 programs per SM of an H100
                         assert rows // per_program >= 512 and per_program * n >= min(4096, 64 * n)
                 elif n <= 2048 and _is_power_of_two(n) and rows >= 2**16:  # small rows: several per program
@@ -506,6 +509,42 @@ def test_interpreter_every_dot_launch_config_is_correct(interpreted, n):
         assert torch.equal(interpreted.launch(x, spec=SPECS[0], config=config), fake_quantize(y, SPECS[0])), config
     with pytest.raises(ValueError, match="dot-path launch config"):
         interpreted.launch(x, config=(8, 4, interpreted._dot_options(n)[0], True))  # tl.dot needs >= 16 rows
+
+
+FACTOR_LAST_SIZES = (12 * 16, 20 * 32, 28 * 16)
+
+
+@pytest.mark.parametrize("n", FACTOR_LAST_SIZES)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+def test_interpreter_factor_last_matches_dense_reference(interpreted, n, dtype):
+    # n = m * p with m <= 32: the butterflies first, the factor last as a split dot on the float32 intermediate
+    # (exact products, so only the float32 summation order differs from the factor-first form).
+    x = _inputs((3, 5, n), dtype)
+    reference = _dense_reference(x)
+    first = interpreted.launch_config(n, 15, dtype, dot=False)
+    last = interpreted.launch_config(n, 15, dtype, dot=True)
+    assert last == first._replace(dot=True) and last in interpreted.candidate_configs(n, 15, dtype)
+    _, _, meta = interpreted.kernel_arguments(x, torch.empty_like(x), config=last)
+    assert meta["FACTOR_LAST"] and meta["M"] > 1  # really the factor-last form
+    y = interpreted.launch(x, config=last)
+    assert y.dtype == dtype
+    assert_transform_close(y, reference)
+    assert_transform_close(interpreted.launch(x, config=first), reference)
+    strided = _inputs((5, 3, 2 * n), dtype)[..., ::2]
+    assert torch.equal(interpreted.launch(strided, config=last), interpreted.launch(strided.contiguous(), config=last))
+    for spec in SPECS[:2]:
+        assert torch.equal(interpreted.launch(x, spec=spec, config=last), fake_quantize(y, spec))
+    g = _inputs((15, n), dtype, seed=1)  # backward: the transposed factor, in the same form
+    back = interpreted.launch(g, transpose=True, config=last)
+    assert_transform_close(back, g.double() @ hadamard_matrix(n, torch.float64).T)
+
+
+def test_interpreter_factor_last_needs_a_small_factor(interpreted):
+    x = _inputs((2, 172 * 16), torch.float32)
+    assert not interpreted._factor_last_capable(172 * 16) and not interpreted._factor_last_capable(12 * 8)
+    assert not interpreted.launch_config(172 * 16, 2, torch.float32, dot=True).dot  # not offered
+    with pytest.raises(ValueError, match="factor-last launch config"):
+        interpreted.launch(x, config=(1, 4, 5, True))
 
 
 # The tensor-core path: every power of two it covers, both 16-bit dtypes, a row count that leaves a partial tile.
