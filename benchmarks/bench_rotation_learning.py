@@ -88,14 +88,14 @@ def _random_llama(device: torch.device, shape: dict):
     return model.eval()
 
 
-def _gather_peaks(context, value: float | None) -> list[float | None]:
-    """Every rank's figure (rank order) -- peak memory differs per rank under FSDP."""
+def _gather_peaks(context, peaks: tuple) -> list[tuple]:
+    """Every rank's peak-memory figures (rank order) -- they differ per rank under FSDP."""
     if not context.distributed:
-        return [value]
+        return [peaks]
     import torch.distributed as dist
 
     values: list = [None] * context.world_size
-    dist.all_gather_object(values, value)
+    dist.all_gather_object(values, peaks)
     return values
 
 
@@ -169,10 +169,10 @@ def random_model(args: argparse.Namespace) -> int:
             result["peak_memory_reserved_gib"] = summary["peak_memory_reserved_gib"]
             result["gpu_memory_gib"] = total
             result["fits_one_gpu_memory"] = summary["peak_memory_reserved_gib"] < total
-            result["peak_memory_reserved_gib_per_rank"] = _gather_peaks(context, summary["peak_memory_reserved_gib"])
-            result["peak_memory_allocated_gib_per_rank"] = _gather_peaks(
-                context, summary["peak_memory_allocated_gib"]
-            )
+            peaks = (summary["peak_memory_reserved_gib"], summary["peak_memory_allocated_gib"])
+            per_rank = _gather_peaks(context, peaks)
+            result["peak_memory_reserved_gib_per_rank"] = [reserved for reserved, _ in per_rank]
+            result["peak_memory_allocated_gib_per_rank"] = [allocated for _, allocated in per_rank]
     if not context.is_main:
         return 0 if done else 1
     write_json(args.out, result)

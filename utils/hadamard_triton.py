@@ -714,7 +714,7 @@ def candidate_configs(n: int, n_rows: int, dtype: torch.dtype, group: int = 0) -
     plan = _plan(n)
     base = launch_config(n, n_rows, dtype)
     butterflies = []
-    bfly = launch_config(n, n_rows, dtype, dot=False)._replace(dot=False)
+    bfly = launch_config(n, n_rows, dtype, dot=False)
     tile = bfly.rows * (max(_MIN_DOT, _next_power_of_two(plan.m)) if plan.m > 1 else 1) * plan.p
     for num_warps in (bfly.num_warps, bfly.num_warps // 2):
         for radix in (bfly.radix, 1):
@@ -876,7 +876,7 @@ class _Prepared:
         rows = 1 if plan.m > 1 else config.rows
         factor_last = False
         if plan.m > 1:
-            factor_last = launch_config(n, 1, x.dtype).dot if config.dot is None else bool(config.dot)
+            factor_last = _factor_last_default(n) if config.dot is None else bool(config.dot)
             if factor_last and not _factor_last_capable(n):
                 raise ValueError(f"factor-last launch config {tuple(config)} for n={n}: needs m <= 32 and p >= 16")
         use_dot = plan.m == 1 and (_uses_dot(n, x.dtype) if config.dot is None else bool(config.dot))
