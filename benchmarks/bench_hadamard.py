@@ -4,6 +4,7 @@
     python benchmarks/bench_hadamard.py --out results/hadamard_sweep.json --sweep        # launch-config sweep
     python benchmarks/bench_hadamard.py --out results/hadamard_sm90.json --compile-only  # no GPU needed
     python benchmarks/bench_hadamard.py --out results/hadamard_graph.json --cuda-graph   # + kernel-only timings
+    python benchmarks/bench_hadamard.py --out results/candidates.json --candidates       # autotuner diagnostics
 
 For each dtype, row length n (powers of two 64..16384 and the model sizes 1536, 11008, 14336) and row count
 (2^10..2^16), it times with ``triton.testing.do_bench`` (median, L2 flushed before every call):
@@ -23,7 +24,9 @@ over the copy's GB/s at the same size.
 Two timing modes, every method timed the same way in each:
 
 * eager (always; keys ``ms``, ``gbps``, ``of_copy``): one Python call per timed call, so a call whose host work
-  (Python dispatch, Triton's launcher) outlasts do_bench's L2 flush shows that host time rather than its kernel's;
+  (Python dispatch, Triton's launcher) outlasts do_bench's L2 flush shows that host time rather than its kernel's.
+  ``--eager-repeats`` rounds (default 3) over all methods; each figure is the method's least median
+  (``ms_each_round`` keeps them all): single rounds of small launches were seen 2-5x slow as a whole;
 * ``--cuda-graph`` (keys ``graph_ms``, ``graph_gbps``, ``graph_of_copy``; ``summary_graph``): ``--graph-calls``
   back-to-back calls of the method captured in one CUDA graph, replayed ``--graph-reps`` times between CUDA events;
   per-call time = median replay time / calls. No host work is left, so this is the GPU's time per call (kernel
@@ -159,12 +162,17 @@ def run_benchmark(args) -> dict:
                     row["graph_inputs"] = _graph_inputs(nbytes)
                     row["graph_calls"] = args.graph_calls
                     copies = [fns] + [_methods(x.clone(), dense_ok) for _ in range(row["graph_inputs"] - 1)]
+                eager = {method: [] for method in args.methods if method in fns}
+                for _ in range(args.eager_repeats):  # rounds over all methods, so a slow spell hits each alike
+                    for method in eager:
+                        eager[method].append(_time_ms(fns[method], args.warmup_ms, args.rep_ms))
                 for method in args.methods:
                     if method not in fns:
                         row[method] = {"skipped": f"dense x @ H needs {dense_flop:.2e} FLOP (--dense-max-flop)"}
                         continue
-                    ms = _time_ms(fns[method], args.warmup_ms, args.rep_ms)
-                    row[method] = {"ms": round(ms, 5), "gbps": round(2 * nbytes / ms / 1e6, 1)}
+                    ms = min(eager[method])
+                    row[method] = {"ms": round(ms, 5), "gbps": round(2 * nbytes / ms / 1e6, 1),
+                                   "ms_each_round": [round(t, 5) for t in eager[method]]}
                     if args.cuda_graph:
                         try:
                             graph_ms = _time_graph_ms([c[method] for c in copies], args.graph_calls, args.graph_reps)
@@ -180,6 +188,8 @@ def run_benchmark(args) -> dict:
                         if copy and prefix + "gbps" in row[method]:
                             row[method][prefix + "of_copy"] = round(row[method][prefix + "gbps"] / copy, 3)
                 results.append(row)
+                # Rows so far, so a run cut short (a time limit) still leaves its measurements; completed below.
+                write_json(args.out, {**args.header, "partial": True, "results": results})
                 print(_format_row(row, args.methods), flush=True)
                 if args.cuda_graph:
                     print(_format_row(row, args.methods, "graph_"), flush=True)
@@ -189,7 +199,8 @@ def run_benchmark(args) -> dict:
     return {
         "results": results,
         "timing_modes": {
-            "eager": "ms/gbps/of_copy: triton.testing.do_bench median, one Python call per call, L2 flushed",
+            "eager": "ms/gbps/of_copy: the least of --eager-repeats triton.testing.do_bench medians (rounds over "
+                     "all methods; ms_each_round), one Python call per call, L2 flushed",
             **({"graph": "graph_ms/graph_gbps/graph_of_copy: CUDA graph of graph_calls back-to-back calls over "
                          "graph_inputs input copies (>= 128 MB), median replay / calls: GPU time only"}
                if args.cuda_graph else {}),
@@ -253,8 +264,13 @@ def run_sweep(args) -> dict:
             spaces.append((True, rows_dot, [4, 8], hadamard_triton._dot_options(n)))
         bfly = hadamard_triton.launch_config(n, rows_total, torch.bfloat16, dot=False)
         rows_bfly = sorted({bfly.rows, bfly.rows * 2}) if power_of_two and n < 2048 else [bfly.rows]
-        warps_bfly = sorted({max(1, bfly.num_warps // 2), bfly.num_warps, min(32, bfly.num_warps * 2)})
-        spaces.append((False, rows_bfly, warps_bfly, (1, 3, 5)))
+        warps_bfly = sorted({max(1, bfly.num_warps // 4), max(1, bfly.num_warps // 2), bfly.num_warps,
+                             min(16, bfly.num_warps * 2)})
+        log_p = hadamard_triton._plan(n).p.bit_length() - 1
+        radices = sorted({r for r in (1, 3, 5, 7) if r < log_p} | {log_p})  # log_p: every stage in one group
+        spaces.append((False, rows_bfly, warps_bfly, radices))
+        if hadamard_triton._factor_last_capable(n):  # m x 2^k with a small factor: the factor-last order too
+            spaces.append((True, [1], warps_bfly, radices))
         graph_xs = [x] + [x.clone() for _ in range(_graph_inputs(x.numel() * 2) - 1)] if args.cuda_graph else []
         graph_copy_ms = None
         if args.cuda_graph:
@@ -290,12 +306,66 @@ def run_sweep(args) -> dict:
     return {"sweep": results}
 
 
+def run_candidates(args) -> dict:
+    """Time every autotuner candidate for each (n, rows) three times over, interleaved, the way the autotuner times
+    them (do_bench, L2 flushed, its warm-up and measuring times) and as GPU time in a CUDA graph: shows whether the
+    autotuner's pick is stable and whether its eager timings agree with the kernel time."""
+    from utils import hadamard_triton
+
+    results = []
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        for n in args.sizes:
+            for rows in args.rows:
+                x = torch.randn(rows, n, device="cuda", dtype=dtype)
+                out = torch.empty_like(x)
+                graph_xs = [x] + [x.clone() for _ in range(_graph_inputs(x.numel() * x.element_size()) - 1)]
+                configs = hadamard_triton.candidate_configs(n, rows, dtype)
+                eager = {config: [] for config in configs}
+                for _ in range(3):
+                    for config in configs:
+                        run = functools.partial(hadamard_triton._run, x, out, config=config)
+                        eager[config].append(_time_ms(run, 5, 20))  # the autotuner's settings
+                timings = []
+                for config in configs:
+                    runs = [functools.partial(hadamard_triton.launch, v, config=config) for v in graph_xs]
+                    graph_ms = _time_graph_ms(runs, args.graph_calls, args.graph_reps)
+                    timings.append({"config": list(config), "eager_us": [round(1e3 * t, 2) for t in eager[config]],
+                                    "graph_us": round(1e3 * graph_ms, 2)})
+                entry = {"dtype": dtype_name, "n": n, "rows": rows, "default": list(configs[0]), "candidates": timings,
+                         "best_eager_each_round": [min(timings, key=lambda t: t["eager_us"][i])["config"]
+                                                   for i in range(3)],
+                         "best_graph": min(timings, key=lambda t: t["graph_us"])["config"]}
+                results.append(entry)
+                print(f"{dtype_name} n={n} rows={rows}: default {entry['default']}", flush=True)
+                for t in timings:
+                    print(f"    {t['config']}: eager {t['eager_us']} us, graph {t['graph_us']} us", flush=True)
+                del x, out, graph_xs
+    return {"candidates": results}
+
+
 def _path_name(meta: dict) -> str:
     if not meta["DOT"]:
         return "butterfly" if meta["M"] == 1 else "factor-dot+butterfly"
     if meta["CHUNKS"] > 1:
         return f"dot-chunked-{meta['CHUNKS']}x{meta['DOT']}"
     return f"dot-{meta['DOT']}" if meta["DOT"] == meta["P"] else f"dot-two-level-{meta['P'] // meta['DOT']}x{meta['DOT']}"
+
+
+def _ptx_digest(ptx: str) -> str:
+    """SHA-1 of the PTX's instructions as a sorted multiset, without source locations, debug sections, labels and
+    register numbers: equal digests mean a refactor of the kernel's Python changed no instruction (only, at most,
+    their order in the PTX, which ptxas schedules anyway)."""
+    import hashlib
+
+    code = ptx.split("\n\t.section\t.debug", 1)[0]
+    kept = []
+    for line in code.splitlines():
+        line = line.split("//", 1)[0].strip()
+        if not line or line.startswith((".loc", ".file", "$L__")):
+            continue
+        kept.append(re.sub(r"\$L__\w+", "$L", re.sub(r"%(r|rd|f|fd|p|rs|h|hh)\d+", r"%\1", line)))
+    return hashlib.sha1("\n".join(sorted(kept)).encode()).hexdigest()
 
 
 def compile_only(args) -> dict:
@@ -354,6 +424,7 @@ def compile_only(args) -> dict:
                     "rows_per_program": meta["ROWS"],
                     "num_warps": num_warps, "radix": meta["RADIX"], "registers": registers, "local_bytes": spilled,
                     "shared_bytes": compiled.metadata.shared, "compile_s": round(seconds, 2),
+                    "ptx_sha1": _ptx_digest(compiled.asm["ptx"]),
                 }
                 results.append(entry)
                 print(entry, flush=True)
@@ -418,9 +489,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-ms", type=int, default=10, help="do_bench warm-up time per measurement")
     parser.add_argument("--rep-ms", type=int, default=40, help="do_bench measuring time per measurement")
     parser.add_argument(
+        "--eager-repeats", type=int, default=3,
+        help="eager rounds over all methods; each method's figure is its least median (a round can be slowed as a "
+             "whole: on an H200, 0.2-0.5 of copy for a kernel whose other rounds and CUDA-graph time gave 0.9)",
+    )
+    parser.add_argument(
         "--dense-max-flop", type=float, default=2.0**42, help="skip dense x @ H above this many FLOP (fp32: / 4)"
     )
     parser.add_argument("--sweep", action="store_true", help="sweep launch configs instead (bf16)")
+    parser.add_argument(
+        "--candidates", action="store_true", help="time the autotuner's candidates three times each (diagnostics)"
+    )
     parser.add_argument("--sweep-rows", type=int, default=2**14, help="row count of the sweep")
     parser.add_argument("--compile-only", action="store_true", help="compile for --arch and report resources")
     parser.add_argument(
@@ -473,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("no CUDA device: use --compile-only on a machine without a GPU")
         header["device"] = torch.cuda.get_device_name()
         header["copy_note"] = "GB/s = 2 * tensor bytes / median time (one read + one write); L2 flushed per call"
-        result = run_sweep(args) if args.sweep else run_benchmark(args)
+        args.header = header
+        result = run_sweep(args) if args.sweep else run_candidates(args) if args.candidates else run_benchmark(args)
     path = write_json(args.out, {**header, **result})
     print(f"written {path}")
     return 0

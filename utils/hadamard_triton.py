@@ -21,15 +21,17 @@ Design (memory bound: each element is read once and written once):
   (no transpose, no reshape, 2 DOT flops per element); two-level (a, b in 16..32): ``X S_b`` on the raw input,
   one transpose of the tile, then ``S_a`` on the float32 intermediate split exactly into three bfloat16 parts
   (2 (b + 3a) flops per element). float32 input keeps the butterflies (exact float32 order, no TF32). Which path
-  runs is part of the launch config (``LaunchConfig.dot``): by default the tensor-core path, except for
-  n = 128 and 256 where the butterflies measured faster on an H200 (``_BUTTERFLY_DEFAULT``); the autotuner's
-  candidates cover both paths wherever the tensor-core path can run;
+  runs is part of the launch config (``LaunchConfig.dot``): by default the butterflies, which measured faster
+  than every tensor-core form at 65536 bf16 rows on an H200 (n = 64..512: 0.93-0.97 of the copy's bandwidth
+  against 0.70-0.93); the autotuner's candidates cover both paths wherever the tensor-core path can run;
 * the ``m x m`` factor first (``m > 1``): ``tl.dot`` of the +-1 factor (int8 in memory, zero-padded to a power of
   two ``M_PAD``, padding masked off at load) with the raw input tile, in chunks of 16 blocks loaded straight from
   memory, in the input's dtype with float32 accumulation (tensor cores for 16-bit input, FMA for float32), so
   every product is exact; padded blocks are masked to zero and never stored. For small factors (m = 12, 20, 28)
   the order can flip (``LaunchConfig.dot``, the default for m = 12): the butterflies first on the tile as loaded,
-  then the factor as a dot on the float32 result split exactly into three bfloat16 parts (_split3_left_dot);
+  then the factor as a dot on the float32 result split into bfloat16 parts (_split_dot): three for float32 input
+  (exact products), two for 16-bit input (16 significant bits, error <= m * 2^-18 of the row's largest output,
+  under a quarter of a float16 half-ulp there);
 * the Sylvester part elsewhere: log2(p) radix-2 butterfly stages on the register tile, each written as
   reshape -> permute -> split -> add/sub -> join, in the same stage order as the PyTorch backend (bit-identical
   results for powers of two). Triton maps the size-2 axis of stages whose partners sit in one thread to plain
@@ -208,6 +210,17 @@ def _fake_quantize(
 
 
 @triton.jit
+def _fake_quantize_groups(y, clip_ratio, R: tl.constexpr, W: tl.constexpr, GROUP: tl.constexpr, MAXQ: tl.constexpr,
+                          ASYM: tl.constexpr, RECIPROCAL: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Fake-quantize each group of GROUP consecutive columns of an [R, W] tile with the group's own range."""
+    groups = tl.reshape(y, [R, W // GROUP, GROUP])
+    lo = tl.min(groups, axis=2, keep_dims=True)
+    hi = tl.max(groups, axis=2, keep_dims=True)
+    quantized = _fake_quantize(groups, lo, hi, clip_ratio, MAXQ, ASYM, RECIPROCAL, INTERPRETER)
+    return tl.reshape(quantized, [R, W])
+
+
+@triton.jit
 def _sylvester_block(table_ptr, K: tl.constexpr, DTYPE: tl.constexpr):
     """S_K as a dot operand of dtype DTYPE: the top-left K x K block of the stored S_TABLE (natural order nests:
     S_2k = [[S_k, S_k], [S_k, -S_k]]). A few KB read from L2 per program, amortised over its ROWS rows."""
@@ -216,41 +229,37 @@ def _sylvester_block(table_ptr, K: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _split3(t):
-    """A float32 t as three bfloat16 parts, hi + mid + lo == t exactly (3 x 8 significant bits cover float32's 24):
-    multiplied by +-1 on the tensor cores, every product is exact, without TF32's loss."""
-    hi = t.to(tl.bfloat16)
-    rest = t - hi.to(tl.float32)
-    mid = rest.to(tl.bfloat16)
-    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-    return hi, mid, lo
-
-
-@triton.jit
-def _split3_dot(t, s, INTERPRETER: tl.constexpr):
-    """t @ s for a float32 t and a +-1 s, t split by _split3: only the float32 accumulation rounds (smallest parts
-    first). The interpreter multiplies in float32 directly."""
+def _split_dot(t, s, T_LEFT: tl.constexpr, PARTS: tl.constexpr, INTERPRETER: tl.constexpr):
+    """t @ s (T_LEFT) or s @ t for a float32 t and a +-1 (or 0) s on the tensor cores, t split into PARTS bfloat16
+    parts multiplied exactly, the smallest first. PARTS = 3: hi + mid + lo == t exactly (3 x 8 significant bits
+    cover float32's 24), so only the float32 accumulation rounds, without TF32's loss. PARTS = 2: hi + mid keeps 16
+    significant bits (|t - hi - mid| <= 2^-18 |t|), for results rounded to a 16-bit dtype anyway: one dot and one
+    operand conversion fewer (n = 1536 on an H200: 0.66 -> 0.82 of the copy's bandwidth). The interpreter
+    multiplies in float32 directly."""
     if INTERPRETER:
-        return tl.dot(t, s.to(tl.float32), input_precision="ieee")
+        if T_LEFT:
+            return tl.dot(t, s.to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(s.to(tl.float32), t, input_precision="ieee")
     else:
         s = s.to(tl.bfloat16)
-        hi, mid, lo = _split3(t)
-        acc = tl.dot(lo, s, out_dtype=tl.float32)
-        acc = tl.dot(mid, s, acc, out_dtype=tl.float32)
-        return tl.dot(hi, s, acc, out_dtype=tl.float32)
-
-
-@triton.jit
-def _split3_left_dot(s, t, INTERPRETER: tl.constexpr):
-    """s @ t for a +-1 (or 0) s and a float32 t: _split3_dot with t as the right operand."""
-    if INTERPRETER:
-        return tl.dot(s.to(tl.float32), t, input_precision="ieee")
-    else:
-        s = s.to(tl.bfloat16)
-        hi, mid, lo = _split3(t)
-        acc = tl.dot(s, lo, out_dtype=tl.float32)
-        acc = tl.dot(s, mid, acc, out_dtype=tl.float32)
-        return tl.dot(s, hi, acc, out_dtype=tl.float32)
+        hi = t.to(tl.bfloat16)
+        rest = t - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        if T_LEFT:
+            if PARTS == 3:
+                acc = tl.dot((rest - mid.to(tl.float32)).to(tl.bfloat16), s, out_dtype=tl.float32)
+                acc = tl.dot(mid, s, acc, out_dtype=tl.float32)
+            else:
+                acc = tl.dot(mid, s, out_dtype=tl.float32)
+            return tl.dot(hi, s, acc, out_dtype=tl.float32)
+        else:
+            if PARTS == 3:
+                acc = tl.dot(s, (rest - mid.to(tl.float32)).to(tl.bfloat16), out_dtype=tl.float32)
+                acc = tl.dot(s, mid, acc, out_dtype=tl.float32)
+            else:
+                acc = tl.dot(s, mid, out_dtype=tl.float32)
+            return tl.dot(s, hi, acc, out_dtype=tl.float32)
 
 
 @triton.jit
@@ -261,7 +270,7 @@ def _sylvester_dot(x, table_ptr, R: tl.constexpr, P: tl.constexpr, DOT: tl.const
     P == A * DOT (A, DOT in 16..32): S_P = S_A (x) S_DOT, so each row viewed as an A x DOT matrix X becomes
     S_A X S_DOT: first X S_DOT on the raw input (exact products), then the A axis is brought last (one transpose
     of the tile, through shared memory) and multiplied by S_A with the float32 intermediate split in three
-    bfloat16 parts (_split3_dot), then transposed back. 2 * (DOT + 3 A) flops per element instead of 2 P."""
+    bfloat16 parts (_split_dot), then transposed back. 2 * (DOT + 3 A) flops per element instead of 2 P."""
     A: tl.constexpr = P // DOT
     if INTERPRETER:
         # The interpreter's dot multiplies 16-bit bit patterns as integers; float32 operands are exact here too.
@@ -273,7 +282,7 @@ def _sylvester_dot(x, table_ptr, R: tl.constexpr, P: tl.constexpr, DOT: tl.const
         return t
     else:
         t = tl.reshape(tl.permute(tl.reshape(t, [R, A, DOT]), [0, 2, 1]), [R * DOT, A])
-        u = _split3_dot(t, _sylvester_block(table_ptr, A, tl.bfloat16), INTERPRETER)
+        u = _split_dot(t, _sylvester_block(table_ptr, A, tl.bfloat16), True, 3, INTERPRETER)
         return tl.reshape(tl.permute(tl.reshape(u, [R, DOT, A]), [0, 2, 1]), [R, P])
 
 
@@ -310,11 +319,7 @@ def _store_chunk(ptrs, y, lo, hi, clip_ratio, mask, R: tl.constexpr, DOT: tl.con
         if GROUP == 0:
             y = _fake_quantize(y, lo[:, None], hi[:, None], clip_ratio, MAXQ, ASYM, RECIPROCAL, INTERPRETER)
         else:
-            groups = tl.reshape(y, [R, DOT // GROUP, GROUP])
-            g_lo = tl.min(groups, axis=2, keep_dims=True)
-            g_hi = tl.max(groups, axis=2, keep_dims=True)
-            quantized = _fake_quantize(groups, g_lo, g_hi, clip_ratio, MAXQ, ASYM, RECIPROCAL, INTERPRETER)
-            y = tl.reshape(quantized, [R, DOT])
+            y = _fake_quantize_groups(y, clip_ratio, R, DOT, GROUP, MAXQ, ASYM, RECIPROCAL, INTERPRETER)
     tl.store(ptrs, _cast(y, ptrs.dtype.element_ty, INTERPRETER), mask=mask)
 
 
@@ -338,6 +343,41 @@ def _factor_first(x_ptr, factor_ptr, row_offset, stride_n, blocks, cols, M: tl.c
         else:
             y += tl.dot(factor.to(IN_DTYPE), x, out_dtype=tl.float32)  # +-1 times 16-bit values: exact
     return y
+
+
+@triton.jit
+def _row_offset(row, size1, size2, stride0, stride1, stride2):
+    """Where row r starts: i0 * stride0 + i1 * stride1 + i2 * stride2 with (i0, i1, i2) the digits of r in the sizes
+    (-, size1, size2)."""
+    i2 = row % size2
+    i1 = (row // size2) % size1
+    i0 = row // (size2 * size1)
+    return i0 * stride0 + i1 * stride1 + i2 * stride2
+
+
+@triton.jit
+def _finish_tile(y, out_ptrs, mask, scale, clip_ratio, IN_DTYPE: tl.constexpr, A: tl.constexpr, P: tl.constexpr,
+                 ONE_ROW: tl.constexpr, QUANTIZE: tl.constexpr, MAXQ: tl.constexpr, ASYM: tl.constexpr,
+                 GROUP: tl.constexpr, ROUND_TO_INPUT: tl.constexpr, RECIPROCAL: tl.constexpr,
+                 INTERPRETER: tl.constexpr):
+    """Scale a transformed [A, P] float32 tile, fake-quantize it if asked, store it. Groups: one per tile row, or
+    GROUP columns; with ONE_ROW the tile is one row (the m > 1 view, padding rows 0 and masked), one group when
+    GROUP == 0."""
+    y = y * scale
+    if QUANTIZE:
+        if ROUND_TO_INPUT:
+            # The unfused composition rounds the transform to x's dtype before quantizing it: do the same.
+            y = _cast(y, IN_DTYPE, INTERPRETER).to(tl.float32)
+        if ONE_ROW and GROUP == 0:
+            # One group = the whole row = the whole tile (padding rows are 0 and the range always includes 0).
+            flat = tl.reshape(y, [A * P])
+            lo = tl.min(flat, axis=0)
+            hi = tl.max(flat, axis=0)
+            y = _fake_quantize(y, lo, hi, clip_ratio, MAXQ, ASYM, RECIPROCAL, INTERPRETER)
+        else:
+            y = _fake_quantize_groups(y, clip_ratio, A, P, P if GROUP == 0 else GROUP, MAXQ, ASYM, RECIPROCAL,
+                                      INTERPRETER)
+    tl.store(out_ptrs, _cast(y, out_ptrs.dtype.element_ty, INTERPRETER), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -381,26 +421,21 @@ def _hadamard_kernel(
     DOT columns loaded, multiplied by S_DOT and stored separately, the S_CHUNKS part as float32 additions between
     them), else by butterflies. m > 1: one row per program, the factor by tl.dot, S_P by butterflies; the factor
     first on the raw input, or with FACTOR_LAST (M_PAD <= 32) S_P first on the loaded tile and the factor last on
-    the float32 result split in three bfloat16 parts.
+    the float32 result split in bfloat16 parts (_split_dot).
 
     Row r of the input sits at i0 * stride0 + i1 * stride1 + i2 * stride2 with (i0, i1, i2) the digits of r in the
     sizes (-, size1, size2): up to three leading dimensions of any strides, so transposed views need no copy.
     """
     N: tl.constexpr = M * P
     IN_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    OUT_DTYPE: tl.constexpr = out_ptr.dtype.element_ty
     pid = tl.program_id(0)
     cols = tl.arange(0, P)
 
     if CHUNKS > 1:
         # Chunked tensor-core path (CHUNKS in 2, 4): no transpose, no reshape, every tile in the dot's layout.
         rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        row_mask = rows < n_rows
-        i2 = rows % size2
-        i1 = (rows // size2) % size1
-        i0 = rows // (size2 * size1)
-        row_offset = i0 * stride0 + i1 * stride1 + i2 * stride2
-        mask = row_mask[:, None]
+        row_offset = _row_offset(rows, size1, size2, stride0, stride1, stride2)
+        mask = (rows < n_rows)[:, None]
         d = tl.arange(0, DOT)
         s = _sylvester_block(table_ptr, DOT, tl.float32 if INTERPRETER else IN_DTYPE)
         x_ptrs = x_ptr + row_offset[:, None] + d[None, :] * stride_n
@@ -440,67 +475,43 @@ def _hadamard_kernel(
                          RECIPROCAL, INTERPRETER)
             _store_chunk(o_ptrs + 3 * DOT, y3, lo, hi, clip_ratio, mask, ROWS, DOT, QUANTIZE, MAXQ, ASYM, GROUP,
                          RECIPROCAL, INTERPRETER)
-    else:
-        # Whole [ROWS, P] tile (m == 1) or [M_PAD, P] tile of one row (m > 1).
-        if M == 1:
-            rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
-            row_mask = rows < n_rows
-            i2 = rows % size2
-            i1 = (rows // size2) % size1
-            i0 = rows // (size2 * size1)
-            row_offset = i0 * stride0 + i1 * stride1 + i2 * stride2
-            mask = row_mask[:, None]
-            x = tl.load(x_ptr + row_offset[:, None] + cols[None, :] * stride_n, mask=mask, other=0.0)
-            if DOT > 0:
-                y = _sylvester_dot(x, table_ptr, ROWS, P, DOT, INTERPRETER)
-            else:
-                y = _sylvester_last_axis(x.to(tl.float32), ROWS, P, LOG_P, RADIX)
-            out_offset = rows[:, None] * N + cols[None, :]
+    elif M == 1:
+        # Whole [ROWS, P] tile.
+        rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_offset = _row_offset(rows, size1, size2, stride0, stride1, stride2)
+        mask = (rows < n_rows)[:, None]
+        x = tl.load(x_ptr + row_offset[:, None] + cols[None, :] * stride_n, mask=mask, other=0.0)
+        if DOT > 0:
+            y = _sylvester_dot(x, table_ptr, ROWS, P, DOT, INTERPRETER)
         else:
-            # One row per program, viewed as [M_PAD, P]; rows >= M of the view are padding (0, never stored).
-            row = pid.to(tl.int64)
-            i2 = row % size2
-            i1 = (row // size2) % size1
-            i0 = row // (size2 * size1)
-            row_offset = i0 * stride0 + i1 * stride1 + i2 * stride2
-            blocks = tl.arange(0, M_PAD)
-            mask = (blocks < M)[:, None]
-            if FACTOR_LAST:
-                # Small factors: the butterflies run on the tile as loaded (the m == 1 layout) and the factor, a
-                # few hundred bytes, is one split dot at the end -- one layout change instead of one per butterfly
-                # group.
-                offsets = row_offset + (blocks[:, None] * P + cols[None, :]) * stride_n
-                x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
-                t = _sylvester_last_axis(x.to(tl.float32), M_PAD, P, LOG_P, RADIX)
-                factor = tl.load(factor_ptr + blocks[:, None] * M_PAD + blocks[None, :])  # zero-padded
-                y = _split3_left_dot(factor, t, INTERPRETER)
-            else:
-                y = _factor_first(x_ptr, factor_ptr, row_offset, stride_n, blocks, cols, M, M_PAD, K_CHUNK, P,
-                                  IN_DTYPE, INTERPRETER)
-                y = _sylvester_last_axis(y, M_PAD, P, LOG_P, RADIX)
-            out_offset = row * N + blocks[:, None] * P + cols[None, :]
-        y = y * scale
-
-        if QUANTIZE:
-            if ROUND_TO_INPUT:
-                # The unfused composition rounds the transform to x's dtype before quantizing it: do the same.
-                y = _cast(y, IN_DTYPE, INTERPRETER).to(tl.float32)
-            A: tl.constexpr = ROWS if M == 1 else M_PAD
-            if GROUP == 0 and M > 1:
-                # One group = the whole row = the whole tile (padding rows are 0 and the range always includes 0).
-                flat = tl.reshape(y, [M_PAD * P])
-                lo = tl.min(flat, axis=0)
-                hi = tl.max(flat, axis=0)
-                y = _fake_quantize(y, lo, hi, clip_ratio, MAXQ, ASYM, RECIPROCAL, INTERPRETER)
-            else:
-                G: tl.constexpr = P if GROUP == 0 else GROUP
-                groups = tl.reshape(y, [A, P // G, G])
-                lo = tl.min(groups, axis=2, keep_dims=True)
-                hi = tl.max(groups, axis=2, keep_dims=True)
-                quantized = _fake_quantize(groups, lo, hi, clip_ratio, MAXQ, ASYM, RECIPROCAL, INTERPRETER)
-                y = tl.reshape(quantized, [A, P])
-
-        tl.store(out_ptr + out_offset, _cast(y, OUT_DTYPE, INTERPRETER), mask=mask)
+            y = _sylvester_last_axis(x.to(tl.float32), ROWS, P, LOG_P, RADIX)
+        _finish_tile(y, out_ptr + rows[:, None] * N + cols[None, :], mask, scale, clip_ratio, IN_DTYPE, ROWS, P,
+                     False, QUANTIZE, MAXQ, ASYM, GROUP, ROUND_TO_INPUT, RECIPROCAL, INTERPRETER)
+    elif FACTOR_LAST:
+        # Small factors: the butterflies run on the tile as loaded (the m == 1 layout) and the factor, a few hundred
+        # bytes, is one split dot at the end: one layout change instead of one per butterfly group.
+        row = pid.to(tl.int64)
+        blocks = tl.arange(0, M_PAD)
+        mask = (blocks < M)[:, None]
+        offsets = _row_offset(row, size1, size2, stride0, stride1, stride2) + (blocks[:, None] * P + cols[None, :]) * stride_n
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        t = _sylvester_last_axis(x.to(tl.float32), M_PAD, P, LOG_P, RADIX)
+        factor = tl.load(factor_ptr + blocks[:, None] * M_PAD + blocks[None, :])  # zero-padded
+        # Three parts (exact products) for float32 input, two for 16-bit input (_split_dot).
+        y = _split_dot(t, factor, False, 3 if IN_DTYPE == tl.float32 else 2, INTERPRETER)
+        _finish_tile(y, out_ptr + row * N + blocks[:, None] * P + cols[None, :], mask, scale, clip_ratio, IN_DTYPE,
+                     M_PAD, P, True, QUANTIZE, MAXQ, ASYM, GROUP, ROUND_TO_INPUT, RECIPROCAL, INTERPRETER)
+    else:
+        # One row per program, viewed as [M_PAD, P]; rows >= M of the view are padding (0, never stored).
+        row = pid.to(tl.int64)
+        row_offset = _row_offset(row, size1, size2, stride0, stride1, stride2)
+        blocks = tl.arange(0, M_PAD)
+        y = _factor_first(x_ptr, factor_ptr, row_offset, stride_n, blocks, cols, M, M_PAD, K_CHUNK, P, IN_DTYPE,
+                          INTERPRETER)
+        y = _sylvester_last_axis(y, M_PAD, P, LOG_P, RADIX)
+        _finish_tile(y, out_ptr + row * N + blocks[:, None] * P + cols[None, :], (blocks < M)[:, None], scale,
+                     clip_ratio, IN_DTYPE, M_PAD, P, True, QUANTIZE, MAXQ, ASYM, GROUP, ROUND_TO_INPUT, RECIPROCAL,
+                     INTERPRETER)
 
 
 # Triton decides at decoration time (TRITON_INTERPRET=1 when this module was imported) whether the kernels run
@@ -597,13 +608,6 @@ def _sylvester_table(device: torch.device) -> torch.Tensor:
     return table.to(dtype=torch.bfloat16, device=device)
 
 
-# Sizes whose default is the butterfly path although the tensor-core path can run them: on an H200 (65536 bf16
-# rows, L2 flushed) the butterflies reached 0.18 (n = 128) and 0.40 (n = 256) of the copy's bandwidth, the
-# tensor-core path as first written 0.13 and 0.15. Both stay autotuner candidates (candidate_configs), so the
-# faster one on the GPU at hand is what runs when autotuning is on.
-_BUTTERFLY_DEFAULT = frozenset({128, 256})
-
-
 def _dot_capable(n: int, dtype: torch.dtype) -> bool:
     """Whether rows of length n in this dtype can take the tensor-core path (_sylvester_dot / the chunked form):
     16-bit input (exact products with +-1; float32 keeps the butterflies, bit-identical to the PyTorch backend and
@@ -623,14 +627,9 @@ def _factor_last_capable(n: int) -> bool:
 
 def _factor_last_default(n: int) -> bool:
     """The default order for n = m * p: the factor last for factors padded to 16 (m = 12): on an H200 (65536 bf16
-    rows, L2 flushed) n = 1536 = 12 x 128 went from 0.42 to 0.66 of the copy's bandwidth; the factor first
-    otherwise (n = 14336 = 28 x 512 measured faster that way). The autotuner times both wherever both can run."""
+    rows, L2 flushed) n = 1536 = 12 x 128 went from 0.42 to 0.66 of the copy's bandwidth (0.82 with the two-part
+    split of _split_dot); the factor first otherwise (n = 14336 = 28 x 512 measured faster that way). The autotuner times both wherever both can run."""
     return _factor_last_capable(n) and _next_power_of_two(_plan(n).m) <= _MIN_DOT
-
-
-def _uses_dot(n: int, dtype: torch.dtype) -> bool:
-    """Whether the default launch (launch_config) of rows of length n in this dtype is the tensor-core path."""
-    return _dot_capable(n, dtype) and n not in _BUTTERFLY_DEFAULT
 
 
 def _dot_options(p: int, group: int = 0) -> list[int]:
@@ -652,6 +651,9 @@ def _dot_options(p: int, group: int = 0) -> list[int]:
     return two_level + chunked if p == 512 else chunked + two_level
 
 
+_BUTTERFLY_PER_THREAD = 64  # elements per thread of the default butterfly layout (launch_config)
+
+
 class LaunchConfig(NamedTuple):
     """How a launch is laid out. On the butterfly paths every choice computes the same values (the stage order
     never changes); on the tensor-core path (16-bit rows of 16..DOT_MAX) ``radix`` picks the dot size / split,
@@ -665,12 +667,15 @@ class LaunchConfig(NamedTuple):
 
 
 def launch_config(n: int, n_rows: int, dtype: torch.dtype, dot: bool | None = None) -> LaunchConfig:
-    """The default layout for a row length n (what runs when autotuning is off); ``dot`` forces a path (the
-    tensor-core path only where _dot_capable).
+    """The default layout for a row length n (what runs when autotuning is off): the butterflies, or where ``dot``
+    asks for it the tensor-core path (m == 1, where _dot_capable) or the factor-last order (m > 1).
 
-    Butterflies: about 16 elements per thread (two 16-byte vectors of 16-bit data), enough in flight per SM to
-    cover the memory latency, and at least ~4 programs per SM (132 SMs on an H100) when there are enough rows, so
-    that small n packs several rows per program without starving the GPU. Groups of 5 index bits per exchange.
+    Butterflies: 64 elements per thread (fewer threads per row, so more of the butterfly stages stay inside a
+    thread or a warp), and at least ~4 programs per SM (132 SMs on an H100) when there are enough rows, so that
+    small n packs several rows per program without starving the GPU. Groups of 7 index bits per data exchange, or
+    single-bit groups when the tile fits one warp. On an H200 (65536 bf16 rows) this took n = 4096 / 8192 / 16384
+    from 0.73 / 0.63 / 0.54 of the copy's bandwidth (16 elements per thread, 5-bit groups) to 0.98 / 0.96 / 0.79,
+    and n = 128..2048 to 0.93-0.99 (``benchmarks/bench_hadamard.py --sweep``).
 
     Tensor-core path: 16K elements per program up to 128 columns (a [128, 128] tile: 32 KB in, 32 KB out, the
     32 KB S_128 read once from L2 per 128 rows, as cuBLAS's x @ H does), 8K above (the float32 intermediates
@@ -678,10 +683,7 @@ def launch_config(n: int, n_rows: int, dtype: torch.dtype, dot: bool | None = No
     Hopper's wgmma).
     """
     plan = _plan(n)
-    per_thread = 16 if dtype.itemsize <= 2 else 8
     requested = dot
-    if dot is None:
-        dot = _uses_dot(n, dtype)
     if dot and _dot_capable(n, dtype):
         tile = 16384 if plan.p <= S_TABLE.value else 8192
         wanted = max(_MIN_DOT, tile // plan.p)
@@ -699,31 +701,34 @@ def launch_config(n: int, n_rows: int, dtype: torch.dtype, dot: bool | None = No
         enough_programs = max(1, n_rows // 512)
         rows = min(wanted, 1 << (enough_programs.bit_length() - 1))
         elements = rows * plan.p
-    num_warps = min(16, max(1, elements // (32 * per_thread)))
+    num_warps = min(16, max(1, elements // (32 * _BUTTERFLY_PER_THREAD)))
     num_warps = 1 << (num_warps.bit_length() - 1)
-    return LaunchConfig(rows, num_warps, 5, factor_last)
+    radix = min(7 if num_warps > 1 or plan.m > 1 else 1, max(1, plan.p.bit_length() - 1))
+    return LaunchConfig(rows, num_warps, radix, factor_last)
 
 
 def candidate_configs(n: int, n_rows: int, dtype: torch.dtype, group: int = 0) -> list[LaunchConfig]:
     """What the autotuner times, default first (``group``: the fused quantizer's group size, 0 for one per row).
 
-    Butterflies: the default, half the warps (twice the elements per thread, so fewer exchanges), and single-bit
-    exchanges, capped at 64 elements per thread (register pressure). Tensor-core path: the default, half and twice
+    Butterflies: the default and twice its warps (32 elements per thread), each with groups of 7, 3 and 1 index
+    bits and all log2(p) bits at once (which of them wins varies with n on an H200). Tensor-core path: the default,
+    half and twice
     the rows per program (at least 16), the other warp count, and the other dot sizes / splits. Rows the
     tensor-core path can run get both paths' candidates, the size's default path first."""
     plan = _plan(n)
     base = launch_config(n, n_rows, dtype)
     butterflies = []
     bfly = launch_config(n, n_rows, dtype, dot=False)
-    tile = bfly.rows * (max(_MIN_DOT, _next_power_of_two(plan.m)) if plan.m > 1 else 1) * plan.p
-    for num_warps in (bfly.num_warps, bfly.num_warps // 2):
-        for radix in (bfly.radix, 1):
-            config = LaunchConfig(bfly.rows, num_warps, radix, False)
-            if num_warps >= 1 and tile // (32 * num_warps) <= 64 and config not in butterflies:
+    log_p = plan.p.bit_length() - 1
+    for num_warps in (bfly.num_warps, min(32, 2 * bfly.num_warps)):
+        for radix in (bfly.radix, 7, 3, 1, log_p):
+            # Groups of log2(p) bits or more are all the same layout: one group.
+            config = LaunchConfig(bfly.rows, num_warps, min(radix, log_p) if log_p else 1, False)
+            if config not in butterflies:
                 butterflies.append(config)
     if _factor_last_capable(n):
-        # The same layouts with the factor last, the size's default order first. (2 or 4 rows per program with the
-        # factor last were tried on an H200: the autotuner never picked them for n = 1536.)
+        # The same layouts with the factor last, the size's default order first. (1, 2 or 4 rows per program in that
+        # form, all loaded before the first is computed, were timed on an H200: none beat one row per program.)
         both = butterflies + [config._replace(dot=True) for config in butterflies]
         return sorted(both, key=lambda config: config.dot != base.dot)
     if not _dot_capable(n, dtype):
@@ -743,7 +748,7 @@ def candidate_configs(n: int, n_rows: int, dtype: torch.dtype, group: int = 0) -
 
 
 AUTOTUNE_ENV_VAR = "SPINQUANT_TRITON_AUTOTUNE"
-_TUNING_VERSION = 4  # bump when the kernel or the candidates change, so stale tuned layouts are ignored
+_TUNING_VERSION = 5  # bump when the kernel or the candidates change, so stale tuned layouts are ignored
 _TUNED: dict[str, LaunchConfig] = {}
 _DISK_LOADED: set[str] = set()
 
@@ -879,7 +884,7 @@ class _Prepared:
             factor_last = _factor_last_default(n) if config.dot is None else bool(config.dot)
             if factor_last and not _factor_last_capable(n):
                 raise ValueError(f"factor-last launch config {tuple(config)} for n={n}: needs m <= 32 and p >= 16")
-        use_dot = plan.m == 1 and (_uses_dot(n, x.dtype) if config.dot is None else bool(config.dot))
+        use_dot = plan.m == 1 and bool(config.dot)
         dot = chunks = 0
         if use_dot:
             options = _dot_options(p, group) if _dot_capable(n, x.dtype) else []
