@@ -141,7 +141,7 @@ def _time_graph_ms(fns: list, calls: int, reps: int) -> float:
     return float(statistics.median(times))
 
 
-def run_benchmark(args) -> dict:
+def run_benchmark(args, header: dict) -> dict:
     from utils import hadamard_triton
 
     device = torch.device("cuda")
@@ -189,7 +189,7 @@ def run_benchmark(args) -> dict:
                             row[method][prefix + "of_copy"] = round(row[method][prefix + "gbps"] / copy, 3)
                 results.append(row)
                 # Rows so far, so a run cut short (a time limit) still leaves its measurements; completed below.
-                write_json(args.out, {**args.header, "partial": True, "results": results})
+                write_json(args.out, {**header, "partial": True, "results": results})
                 print(_format_row(row, args.methods), flush=True)
                 if args.cuda_graph:
                     print(_format_row(row, args.methods, "graph_"), flush=True)
@@ -325,7 +325,8 @@ def run_candidates(args) -> dict:
                 for _ in range(3):
                     for config in configs:
                         run = functools.partial(hadamard_triton._run, x, out, config=config)
-                        eager[config].append(_time_ms(run, 5, 20))  # the autotuner's settings
+                        eager[config].append(_time_ms(run, hadamard_triton.AUTOTUNE_WARMUP_MS,
+                                                      hadamard_triton.AUTOTUNE_REP_MS))
                 timings = []
                 for config in configs:
                     runs = [functools.partial(hadamard_triton.launch, v, config=config) for v in graph_xs]
@@ -552,8 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("no CUDA device: use --compile-only on a machine without a GPU")
         header["device"] = torch.cuda.get_device_name()
         header["copy_note"] = "GB/s = 2 * tensor bytes / median time (one read + one write); L2 flushed per call"
-        args.header = header
-        result = run_sweep(args) if args.sweep else run_candidates(args) if args.candidates else run_benchmark(args)
+        result = run_sweep(args) if args.sweep else run_candidates(args) if args.candidates else run_benchmark(args, header)
     path = write_json(args.out, {**header, **result})
     print(f"written {path}")
     return 0

@@ -122,8 +122,6 @@ def random_model(args: argparse.Namespace) -> int:
     network = build_rotation_network(model, W4A4KV4, rotations, cache_weights=not (args.no_cache or args.fsdp))
     if args.fsdp:
         result["fsdp_wrapped"] = apply_fsdp(network, {"full_shard", "auto_wrap"}, None, context)
-        network.rotations.to(device)
-        network.set_timer_device(device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     result["build_network_s"] = time.perf_counter() - start

@@ -136,8 +136,6 @@ def run_optimize_rotation(args) -> dict:
                 else None
             )
             wrapped = apply_fsdp(network, fsdp_options, layer_classes, context)
-            network.rotations.to(device)
-            network.set_timer_device(device)
     logger.info(
         "training R1 %s and %d R2 (%s) on %d blocks of %d tokens from WikiText-2 %s; %s",
         tuple(network.rotations.r1.shape), len(network.rotations.r2), init_source, blocks.shape[0], blocks.shape[1],

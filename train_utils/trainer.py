@@ -215,8 +215,8 @@ def parse_fsdp_options(value: str | list[str] | None) -> set[str]:
 def apply_fsdp(
     network: RotationNetwork, options: set[str], layer_classes: list[str] | None, context: DistributedContext
 ) -> list[str]:
-    """Shard the frozen model with FSDP2 (``fully_shard``); R1/R2 stay whole on every rank (their gradients are
-    all-reduced by the trainer). Returns the names of the layer classes wrapped as their own units."""
+    """Shard the frozen model with FSDP2 (``fully_shard``); R1/R2 stay whole on every rank, on its device (their
+    gradients are all-reduced by the trainer). Returns the names of the layer classes wrapped as their own units."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -243,6 +243,8 @@ def apply_fsdp(
             fully_shard(outer.get(id(module), module), mesh=mesh, reshard_after_forward=reshard)
         wrapped = sorted({type(m).__name__ for m in targets})
     fully_shard(network, mesh=mesh, reshard_after_forward=reshard, ignored_params=set(network.trainable_parameters()))
+    network.rotations.to(context.device)
+    network.set_timer_device(context.device)
     return wrapped
 
 

@@ -89,6 +89,8 @@ __all__ = [
     "kernel_arguments",
     "launch",
     "AUTOTUNE_ENV_VAR",
+    "AUTOTUNE_WARMUP_MS",
+    "AUTOTUNE_REP_MS",
 ]
 
 MAX_POWER_OF_TWO = 2**15  # largest Sylvester part handled in one program (the row lives in registers)
@@ -683,7 +685,6 @@ def launch_config(n: int, n_rows: int, dtype: torch.dtype, dot: bool | None = No
     Hopper's wgmma).
     """
     plan = _plan(n)
-    requested = dot
     if dot and _dot_capable(n, dtype):
         tile = 16384 if plan.p <= S_TABLE.value else 8192
         wanted = max(_MIN_DOT, tile // plan.p)
@@ -695,7 +696,7 @@ def launch_config(n: int, n_rows: int, dtype: torch.dtype, dot: bool | None = No
     if plan.m > 1:
         rows = 1
         elements = max(_MIN_DOT, _next_power_of_two(plan.m)) * plan.p
-        factor_last = _factor_last_capable(n) and (_factor_last_default(n) if requested is None else requested)
+        factor_last = _factor_last_capable(n) and (_factor_last_default(n) if dot is None else dot)
     else:
         wanted = max(1, 2048 // plan.p)
         enough_programs = max(1, n_rows // 512)
@@ -723,7 +724,7 @@ def candidate_configs(n: int, n_rows: int, dtype: torch.dtype, group: int = 0) -
     for num_warps in (bfly.num_warps, min(32, 2 * bfly.num_warps)):
         for radix in (bfly.radix, 7, 3, 1, log_p):
             # Groups of log2(p) bits or more are all the same layout: one group.
-            config = LaunchConfig(bfly.rows, num_warps, min(radix, log_p) if log_p else 1, False)
+            config = LaunchConfig(bfly.rows, num_warps, min(radix, max(1, log_p)), False)
             if config not in butterflies:
                 butterflies.append(config)
     if _factor_last_capable(n):
@@ -748,6 +749,7 @@ def candidate_configs(n: int, n_rows: int, dtype: torch.dtype, group: int = 0) -
 
 
 AUTOTUNE_ENV_VAR = "SPINQUANT_TRITON_AUTOTUNE"
+AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 20  # do_bench's warm-up and measuring time per candidate
 _TUNING_VERSION = 5  # bump when the kernel or the candidates change, so stale tuned layouts are ignored
 _TUNED: dict[str, LaunchConfig] = {}
 _DISK_LOADED: set[str] = set()
@@ -819,8 +821,8 @@ def _choose_config(
     variant = f"q{spec.bits}{'a' if spec.asym else 's'}{spec.groupsize}" if quantize else "t"
     if quantize and not kernel_options.get("round_to_input", True):
         variant += "f32"
-    # Row counts within a factor of 4 share a tuned layout. (Three buckets split at 4096 and 32768 rows were too
-    # coarse: on an H200, n = 64's layout tuned at 4096 rows ran at 0.29 of the copy's bandwidth at 16384.)
+    # Row counts within a factor of 4 share a tuned layout: the best rows per program and warps change with the
+    # number of programs per SM.
     bucket = n_rows.bit_length() // 2
     device_key = _device_key(x.get_device())
     key = f"{device_key}|{n}|{str(x.dtype).removeprefix('torch.')}|{variant}|rows{bucket}"
@@ -832,7 +834,8 @@ def _choose_config(
         timings = []
         for config in candidate_configs(n, n_rows, x.dtype, group):
             run = functools.partial(_run, x, out, config=config, **kernel_options)
-            timings.append((do_bench(run, warmup=5, rep=20, return_mode="median"), config))
+            timings.append((do_bench(run, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, return_mode="median"),
+                            config))
         _TUNED[key] = min(timings, key=lambda timing: timing[0])[1]
         _save_tuned()
     return _TUNED[key], key

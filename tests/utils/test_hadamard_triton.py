@@ -78,7 +78,7 @@ def _is_power_of_two(n: int) -> bool:
     return n & (n - 1) == 0
 
 
-def _bit_identical_to_torch(n: int, dtype: torch.dtype) -> bool:
+def _bit_identical_to_torch(n: int) -> bool:
     """Whether the Triton transform's default launch runs the PyTorch backend's butterflies in order (powers of two:
     the default launch is the butterfly path for every dtype): then its output equals the PyTorch backend's bit for
     bit."""
@@ -296,7 +296,7 @@ def test_interpreter_transform_matches_dense_reference(interpreted, n, dtype):
     y = hadamard_transform(x, backend="triton")
     assert y.dtype == dtype and y.shape == x.shape
     assert_transform_close(y, _dense_reference(x))
-    if _bit_identical_to_torch(n, dtype):
+    if _bit_identical_to_torch(n):
         assert torch.equal(y, hadamard_transform(x, backend="torch"))  # same stages, same order: bit-identical
 
 
@@ -345,7 +345,7 @@ def test_interpreter_fused_quantize_matches_composition(interpreted, n, dtype, s
     fused = hadamard_quantize(x, spec, fp32=fp32, backend="triton")
     reference = _composition(x, spec, fp32)
     assert fused.dtype == dtype
-    if _bit_identical_to_torch(n, torch.float32 if fp32 else dtype):
+    if _bit_identical_to_torch(n):
         assert torch.equal(fused, reference)
     else:
         assert_quantized_close(fused, reference, _transformed_for_steps(x, fp32), spec)
@@ -719,7 +719,7 @@ def test_gpu_transform_matches_dense_reference(n, dtype):
     x = _inputs((3, 37, n), dtype, device="cuda")
     y = hadamard_transform(x, backend="triton")
     assert_transform_close(y, _gpu_reference(x))
-    if _bit_identical_to_torch(n, dtype):
+    if _bit_identical_to_torch(n):
         assert torch.equal(y, hadamard_transform(x, backend="torch"))
 
 
@@ -822,7 +822,7 @@ def test_gpu_every_candidate_config(n, dtype):
         y = module.launch(x, config=config)
         q = module.launch(x, spec=SPECS[0], config=config)
         assert_transform_close(y, reference)
-        if _bit_identical_to_torch(n, dtype) and not config.dot:  # butterflies: the PyTorch backend's order
+        if _bit_identical_to_torch(n) and not config.dot:  # butterflies: the PyTorch backend's order
             assert torch.equal(y, hadamard_transform(x, backend="torch")), config
         assert_quantized_close(q, quantized, _transformed_for_steps(x, False), SPECS[0])
         assert torch.equal(q, fake_quantize(y, SPECS[0])), config
